@@ -1,0 +1,1 @@
+"""The storage worker: the one process that owns every queue's segment files."""

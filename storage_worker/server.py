@@ -1,0 +1,184 @@
+"""The worker's socket server: one listener, a ``connection.wait()`` loop, group commit.
+
+Each pass of the loop reads the one pending request of every ready connection, applies them
+all in arrival order, commits the store once (one write and one fdatasync per touched segment),
+and only then sends every reply. Requests that arrive during a commit form the next batch, so
+the number of syncs per request falls as concurrency rises, with no artificial wait.
+
+Only the main thread touches the store. A helper thread accepts and authenticates new
+connections (a slow handshake must not stall the loop) and hands them over through a pipe
+that also carries signal wake-ups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, Listener, wait
+from pathlib import Path
+from types import FrameType
+
+from shared.channel import accept_handshake
+from shared.protocol import Reply, encode_reply
+from storage_worker import dispatch
+from storage_worker.store import Store
+
+log = logging.getLogger("segq.worker")
+
+# How long a send or a partially received frame may block the loop before that connection is
+# dropped. The front-end is the only client and reads its replies at once.
+IO_TIMEOUT_S = 5.0
+LISTEN_BACKLOG = 128
+
+
+class WorkerServer:
+    """Serves the protocol on a Unix socket until ``stop()`` or a signal."""
+
+    def __init__(self, store: Store, socket_path: Path, authkey: bytes, max_frame_bytes: int):
+        self.store = store
+        self.socket_path = socket_path
+        self.authkey = authkey
+        self.max_frame_bytes = max_frame_bytes
+        self._conns: set[Connection] = set()
+        self._adopt: queue.SimpleQueue[Connection] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stopping = False
+        self._listener: Listener | None = None
+        self._acceptor: threading.Thread | None = None
+
+    def serve_forever(self) -> None:
+        """Listen, then run the loop. An OSError from the store propagates (exit, no replies)."""
+        self.socket_path.unlink(missing_ok=True)  # stale: the data-dir lock proves it is ours
+        old_umask = os.umask(0o177)
+        try:
+            self._listener = Listener(str(self.socket_path), "AF_UNIX", backlog=LISTEN_BACKLOG)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, 0o600)
+        self._acceptor = threading.Thread(target=self._accept_forever, name="accept", daemon=True)
+        self._acceptor.start()
+        log.info("storage worker listening on %s", self.socket_path)
+        try:
+            while not self._stopping:
+                self._serve_once()
+        finally:
+            self._close()
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current batch and return (safe from a signal handler)."""
+        self._stopping = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"s")
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("received signal %d: finishing the current batch and exiting", signum)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _serve_once(self) -> None:
+        ready = wait([self._wake_r, *self._conns])
+        batch: list[tuple[Connection, Reply]] = []
+        for source in ready:
+            if isinstance(source, int):
+                self._drain_wakeups()
+                continue
+            assert isinstance(source, Connection)
+            frame = self._receive(source)
+            if frame is not None:
+                batch.append((source, dispatch.handle_frame(self.store, frame)))
+        self.store.commit()
+        for conn, reply in batch:
+            self._send(conn, encode_reply(reply))
+        self.store.collect()
+
+    def _receive(self, conn: Connection) -> bytes | None:
+        try:
+            return conn.recv_bytes(self.max_frame_bytes)
+        except EOFError:
+            self._drop(conn)
+        except OSError as exc:
+            log.warning("dropping a connection: %s", exc)
+            self._drop(conn)
+        return None
+
+    def _send(self, conn: Connection, frame: bytes) -> None:
+        try:
+            conn.send_bytes(frame)
+        except OSError as exc:
+            log.warning("dropping a connection that did not take its reply: %s", exc)
+            self._drop(conn)
+
+    def _drop(self, conn: Connection) -> None:
+        self._conns.discard(conn)
+        conn.close()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while not self._adopt.empty():
+            self._conns.add(self._adopt.get_nowait())
+
+    # ------------------------------------------------------------------ accepting
+
+    def _accept_forever(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self._stopping:
+            try:
+                conn = listener.accept()
+            except OSError:
+                if self._stopping:
+                    return
+                log.exception("accept failed")
+                time.sleep(0.1)
+                continue
+            if self._stopping:
+                conn.close()
+                return
+            try:
+                accept_handshake(conn, self.authkey, IO_TIMEOUT_S)
+            except AuthenticationError:
+                log.warning("refused a connection that did not know the authkey")
+                conn.close()
+                continue
+            except (OSError, EOFError) as exc:
+                log.warning("a connection failed its handshake: %s", exc)
+                conn.close()
+                continue
+            self._adopt.put(conn)
+            with contextlib.suppress(BlockingIOError):  # a full pipe is awake already
+                os.write(self._wake_w, b"c")
+
+    def _close(self) -> None:
+        self._stopping = True
+        for conn in list(self._conns):
+            self._drop(conn)
+        if self._acceptor is not None:
+            # Wake the acceptor out of accept() with a connection of our own.
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(self.socket_path))
+            self._acceptor.join(timeout=IO_TIMEOUT_S + 1)
+        while not self._adopt.empty():
+            self._adopt.get_nowait().close()
+        if self._listener is not None:
+            self._listener.close()  # also removes the socket file
+            self._listener = None
+        os.close(self._wake_r)
+        os.close(self._wake_w)
