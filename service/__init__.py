@@ -1,0 +1,1 @@
+"""The web front-end: a Falcon app on waitress that forwards every queue operation."""

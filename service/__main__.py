@@ -1,0 +1,63 @@
+"""Run the web front-end: ``python3 -m service`` (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from types import FrameType
+
+from service.app import create_app
+from service.server import bound_addresses, make_server
+from service.storage_client import SocketTransport, StorageClient
+from shared.config import load_config, settings_help
+from shared.errors import ConfigError
+
+log = logging.getLogger("segq.web")
+
+DESCRIPTION = """\
+The segq web front-end: serves the HTTP/JSON API on MQ_HOST:PORT with waitress and forwards
+every queue operation to the storage worker over MQ_SOCKET. It starts in any order with the
+worker and answers 503 storage_unavailable (with Retry-After) while the worker is unreachable.
+SIGTERM and SIGINT stop it cleanly."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m service",
+        description=DESCRIPTION,
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"web: {exc.message}", file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    app = create_app(StorageClient(SocketTransport(config)), config.max_body_bytes)
+    try:
+        server = make_server(app, config)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
+        return 1
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)  # waitress's run() turns this into an orderly shutdown
+
+    signal.signal(signal.SIGTERM, on_signal)
+    for host, port in bound_addresses(server):
+        log.info("segq web listening on http://%s:%s", host, port)
+    server.run()
+    log.info("segq web stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The Falcon application: ``create_app(storage, ...)`` wires resources to a storage client;
+``get_app()`` builds that client from the environment, for any WSGI server."""
+
+from __future__ import annotations
+
+import falcon
+
+from service import errors
+from service.resources import Messages, Queue, Queues, Status
+from service.storage_client import SocketTransport, StorageClient
+from shared.config import Config, load_config
+
+
+def create_app(
+    storage: StorageClient, max_body_bytes: int
+) -> falcon.App[falcon.Request, falcon.Response]:
+    app = falcon.App()
+    app.add_route("/status", Status(storage))
+    app.add_route("/queues", Queues(storage, max_body_bytes))
+    app.add_route("/queues/{name}", Queue(storage))
+    app.add_route("/queues/{name}/messages", Messages(storage, max_body_bytes))
+    errors.install(app)
+    return app
+
+
+def get_app(config: Config | None = None) -> falcon.App[falcon.Request, falcon.Response]:
+    config = config or load_config()
+    return create_app(StorageClient(SocketTransport(config)), config.max_body_bytes)
