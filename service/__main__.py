@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
@@ -11,8 +10,7 @@ from types import FrameType
 from service.app import create_app
 from service.server import bound_addresses, make_server
 from service.storage_client import SocketTransport, StorageClient
-from shared.config import load_config, settings_help
-from shared.errors import ConfigError
+from shared.startup import configure, make_parser
 
 log = logging.getLogger("segq.web")
 
@@ -24,27 +22,14 @@ SIGTERM and SIGINT stop it cleanly."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python3 -m service",
-        description=DESCRIPTION,
-        epilog=settings_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.parse_args(argv)
-    try:
-        config = load_config()
-    except ConfigError as exc:
-        print(f"web: {exc.message}", file=sys.stderr)
+    make_parser("python3 -m service", DESCRIPTION).parse_args(argv)
+    config = configure("web")
+    if config is None:
         return 1
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     app = create_app(StorageClient(SocketTransport(config)), config.max_body_bytes)
     try:
         server = make_server(app, config)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
         return 1
 

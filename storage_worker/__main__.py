@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import resource
 import sys
 
-from shared.config import load_config, settings_help
-from shared.errors import ConfigError
+from shared.startup import configure, make_parser
 from storage_worker.server import WorkerServer
 from storage_worker.store import DataDirLocked, Store
 
@@ -25,29 +23,16 @@ EXIT_STORAGE_FAILED = 70
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python3 -m storage_worker",
-        description=DESCRIPTION,
-        epilog=settings_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.parse_args(argv)
-    try:
-        config = load_config()
-    except ConfigError as exc:
-        print(f"storage worker: {exc.message}", file=sys.stderr)
+    make_parser("python3 -m storage_worker", DESCRIPTION).parse_args(argv)
+    config = configure("storage worker")
+    if config is None:
         return EXIT_START_FAILED
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     _raise_open_files_limit()
     store = Store.from_config(config)
     try:
         store.open()
-    except DataDirLocked as exc:
-        log.error("%s", exc)
+    except (DataDirLocked, OSError) as exc:
+        log.error("cannot open %s: %s", config.data_dir, exc)
         return EXIT_START_FAILED
     try:
         server = WorkerServer(

@@ -18,6 +18,7 @@ import os
 import queue
 import signal
 import socket
+import stat
 import threading
 import time
 from multiprocessing import AuthenticationError
@@ -57,7 +58,7 @@ class WorkerServer:
 
     def serve_forever(self) -> None:
         """Listen, then run the loop. An OSError from the store propagates (exit, no replies)."""
-        self.socket_path.unlink(missing_ok=True)  # stale: the data-dir lock proves it is ours
+        self._remove_stale_socket()
         old_umask = os.umask(0o177)
         try:
             self._listener = Listener(str(self.socket_path), "AF_UNIX", backlog=LISTEN_BACKLOG)
@@ -72,6 +73,16 @@ class WorkerServer:
                 self._serve_once()
         finally:
             self._close()
+
+    def _remove_stale_socket(self) -> None:
+        """Remove a socket a killed worker left behind (the data-dir lock proves it is ours)."""
+        try:
+            mode = self.socket_path.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise FileExistsError(f"{self.socket_path} exists and is not a socket; not removing it")
+        self.socket_path.unlink()
 
     def stop(self) -> None:
         """Ask the loop to finish its current batch and return (safe from a signal handler)."""
