@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     config = configure("web")
     if config is None:
         return 1
-    app = create_app(StorageClient(SocketTransport(config)), config.max_body_bytes)
+    client = StorageClient(SocketTransport(config))
+    app = create_app(client, config.max_body_bytes, config.long_polls)
     try:
         server = make_server(app, config)
     except (OSError, ValueError) as exc:

@@ -6,23 +6,29 @@ from __future__ import annotations
 import falcon
 
 from service import errors
-from service.resources import Messages, Queue, Queues, Status
+from service.resources import Acks, Batch, Lease, LongPollGate, Messages, Queue, Queues, Status
 from service.storage_client import SocketTransport, StorageClient
 from shared.config import Config, load_config
 
 
 def create_app(
-    storage: StorageClient, max_body_bytes: int
+    storage: StorageClient, max_body_bytes: int, long_polls: int = 0
 ) -> falcon.App[falcon.Request, falcon.Response]:
+    """The API; ``long_polls`` bounds how many requests may wait for messages at once."""
+    gate = LongPollGate(long_polls)
     app = falcon.App()
     app.add_route("/status", Status(storage))
     app.add_route("/queues", Queues(storage, max_body_bytes))
-    app.add_route("/queues/{name}", Queue(storage))
-    app.add_route("/queues/{name}/messages", Messages(storage, max_body_bytes))
+    app.add_route("/queues/{name}", Queue(storage, max_body_bytes))
+    app.add_route("/queues/{name}/messages", Messages(storage, max_body_bytes, gate))
+    app.add_route("/queues/{name}/messages/batch", Batch(storage, max_body_bytes))
+    app.add_route("/queues/{name}/messages/ack", Acks(storage, max_body_bytes))
+    app.add_route("/queues/{name}/messages/{receipt}", Lease(storage, max_body_bytes))
     errors.install(app)
     return app
 
 
 def get_app(config: Config | None = None) -> falcon.App[falcon.Request, falcon.Response]:
     config = config or load_config()
-    return create_app(StorageClient(SocketTransport(config)), config.max_body_bytes)
+    client = StorageClient(SocketTransport(config))
+    return create_app(client, config.max_body_bytes, config.long_polls)

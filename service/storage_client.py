@@ -14,18 +14,25 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from shared.channel import connect
+from shared.channel import connect, set_io_timeout
 from shared.config import Config
 from shared.errors import ProtocolError, StorageUnavailable
 from shared.protocol import (
-    Consume,
+    Ack,
+    ChangeVisibility,
     CreateQueue,
+    DeleteQueue,
     Delivery,
-    Enqueue,
     Failure,
     GetQueue,
     GetStatus,
+    ListQueues,
+    Outgoing,
+    PurgeQueue,
+    Receive,
     Request,
+    Send,
+    UpdateQueue,
     decode_reply,
     encode_request,
 )
@@ -34,9 +41,13 @@ log = logging.getLogger("segq.web.storage")
 
 
 class Transport(Protocol):
-    """Carries one encoded request to the worker and returns its encoded reply."""
+    """Carries one encoded request to the worker and returns its encoded reply.
 
-    def round_trip(self, frame: bytes) -> bytes: ...
+    ``wait_s`` is how long the worker may legitimately hold the reply (a long poll), on top
+    of the usual answer time.
+    """
+
+    def round_trip(self, frame: bytes, wait_s: float = 0.0) -> bytes: ...
 
 
 class SocketTransport:
@@ -48,7 +59,7 @@ class SocketTransport:
         self._reachable = True
         self._state_lock = threading.Lock()
 
-    def round_trip(self, frame: bytes) -> bytes:
+    def round_trip(self, frame: bytes, wait_s: float = 0.0) -> bytes:
         conn: Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             try:
@@ -69,7 +80,11 @@ class SocketTransport:
                 self._drop()
                 raise self._unavailable(f"the storage worker went away: {exc}") from None
         try:
+            if wait_s:
+                set_io_timeout(conn, self._config.storage_timeout_s + wait_s)
             reply = conn.recv_bytes(self._config.max_frame_bytes)
+            if wait_s:
+                set_io_timeout(conn, self._config.storage_timeout_s)
         except (EOFError, OSError) as exc:
             self._drop()
             reason = "closed the connection" if isinstance(exc, EOFError) else str(exc)
@@ -120,36 +135,70 @@ class StorageClient:
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
 
-    def call(self, request: Request) -> Any:
-        reply = decode_reply(self._transport.round_trip(encode_request(request)))
+    def call(self, request: Request, wait_s: float = 0.0) -> Any:
+        reply = decode_reply(self._transport.round_trip(encode_request(request), wait_s))
         if isinstance(reply, Failure):
             raise reply.to_error()
         return reply.value
 
-    def create_queue(self, name: str) -> dict[str, Any]:
-        return self._mapping(self.call(CreateQueue(name)))
+    def create_queue(self, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        return _mapping(self.call(CreateQueue(name, settings)))
+
+    def update_queue(self, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        return _mapping(self.call(UpdateQueue(name, settings)))
+
+    def delete_queue(self, name: str) -> None:
+        self.call(DeleteQueue(name))
+
+    def purge_queue(self, name: str) -> int:
+        return _integer(self.call(PurgeQueue(name)))
 
     def describe_queue(self, name: str) -> dict[str, Any]:
-        return self._mapping(self.call(GetQueue(name)))
+        return _mapping(self.call(GetQueue(name)))
+
+    def list_queues(self) -> list[dict[str, Any]]:
+        return [_mapping(q) for q in _sequence(self.call(ListQueues()))]
 
     def status(self) -> dict[str, Any]:
-        return self._mapping(self.call(GetStatus()))
+        return _mapping(self.call(GetStatus()))
 
-    def send(self, queue: str, body: bytes) -> int:
-        msg_id = self.call(Enqueue(queue, body))
-        if not isinstance(msg_id, int):
-            raise ProtocolError("Enqueue reply is not an id")
-        return msg_id
+    def send(self, queue: str, messages: list[Outgoing]) -> list[tuple[int, bool]]:
+        rows = _sequence(self.call(Send(queue, [list(m) for m in messages])))
+        try:
+            return [(_integer(msg_id), bool(duplicate)) for msg_id, duplicate in rows]
+        except (TypeError, ValueError):
+            raise ProtocolError("Send reply is not a list of [id, duplicate]") from None
 
-    def consume(self, queue: str, max_messages: int) -> list[Delivery]:
-        rows = self.call(Consume(queue, max_messages))
+    def receive(
+        self, queue: str, max_messages: int, visibility_ms: int, wait_ms: int
+    ) -> list[Delivery]:
+        request = Receive(queue, max_messages, visibility_ms, wait_ms)
+        rows = _sequence(self.call(request, wait_ms / 1000))
         try:
             return [Delivery(*row) for row in rows]
         except TypeError:
-            raise ProtocolError("Consume reply is not a list of deliveries") from None
+            raise ProtocolError("Receive reply is not a list of deliveries") from None
 
-    @staticmethod
-    def _mapping(value: Any) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise ProtocolError("expected a map in the reply")
-        return value
+    def ack(self, queue: str, receipts: list[str]) -> list[int]:
+        return [_integer(outcome) for outcome in _sequence(self.call(Ack(queue, receipts)))]
+
+    def change_visibility(self, queue: str, receipt: str, visibility_ms: int) -> None:
+        self.call(ChangeVisibility(queue, receipt, visibility_ms))
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError("expected a map in the reply")
+    return value
+
+
+def _sequence(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ProtocolError("expected a list in the reply")
+    return value
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError("expected an integer in the reply")
+    return value

@@ -43,6 +43,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("MQ_MAX_BODY_BYTES", "262144", "largest request body accepted (413 beyond it)"),
     Setting("MQ_THREADS", "16", "waitress worker threads of the web process"),
+    Setting(
+        "MQ_LONG_POLLS",
+        "<MQ_THREADS / 2>",
+        "most threads that long polls (?wait=) may hold at once; past it, they answer at once",
+    ),
     Setting("MQ_SEGMENT_BYTES", "67108864", "size at which a queue starts a new segment file"),
     Setting(
         "MQ_SOCKET", "<MQ_DATA_DIR>/worker.sock", "Unix socket of the storage worker (mode 0600)"
@@ -68,6 +73,7 @@ class Config:
     fsync: bool
     max_body_bytes: int
     threads: int
+    long_polls: int
     segment_bytes: int
     socket_path: Path
     authkey: bytes | None
@@ -172,13 +178,21 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             "set MQ_SOCKET to a shorter path"
         )
     raw_key = env.get("MQ_AUTHKEY", "")
+    threads = _parse_int("MQ_THREADS", get("MQ_THREADS"), 1, 1024)
+    raw_long_polls = env.get("MQ_LONG_POLLS", "").strip()
+    long_polls = (
+        _parse_int("MQ_LONG_POLLS", raw_long_polls, 0, threads - 1)
+        if raw_long_polls
+        else threads // 2
+    )
     return Config(
         data_dir=data_dir,
         port=_parse_int("PORT", get("PORT"), 0, 65535),
         host=get("MQ_HOST"),
         fsync=_parse_choice("MQ_FSYNC", get("MQ_FSYNC"), FSYNC_MODES) == "always",
         max_body_bytes=_parse_int("MQ_MAX_BODY_BYTES", get("MQ_MAX_BODY_BYTES"), 256, 64 << 20),
-        threads=_parse_int("MQ_THREADS", get("MQ_THREADS"), 1, 1024),
+        threads=threads,
+        long_polls=long_polls,
         segment_bytes=_parse_int("MQ_SEGMENT_BYTES", get("MQ_SEGMENT_BYTES"), 512, 1 << 30),
         socket_path=socket_path,
         authkey=raw_key.encode() if raw_key else None,

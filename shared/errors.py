@@ -71,6 +71,30 @@ class QueueExists(SegqError):
     code = "queue_exists"
 
 
+class QueueInUse(SegqError):
+    """Raised when deleting a queue that another queue uses as its dead-letter queue."""
+
+    code = "queue_in_use"
+
+
+class QueueFull(SegqError):
+    """Raised when a send would take a queue past its ``max_messages`` depth cap."""
+
+    code = "queue_full"
+
+
+class MessageNotFound(SegqError):
+    """Raised when a receipt names no message this queue ever held."""
+
+    code = "message_not_found"
+
+
+class LeaseExpired(SegqError):
+    """Raised when a receipt's lease is over: expired, released, or superseded by a delivery."""
+
+    code = "lease_expired"
+
+
 class QueueCorrupt(SegqError):
     """Raised for requests to a queue quarantined because its log failed verification."""
 

@@ -25,59 +25,144 @@ import msgpack
 
 from shared.errors import ProtocolError, SegqError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+
+
+class Outgoing(NamedTuple):
+    """One message to send: its content bytes and options (``None`` means the default)."""
+
+    body: bytes
+    delay_ms: int | None
+    attributes: dict[str, str] | None
+    dedup_id: str | None
 
 
 class Delivery(NamedTuple):
-    """One message as a receive returns it."""
+    """One message as a receive returns it; ``receipt`` is set for leases only."""
 
     id: int
     body: bytes
     sent_at_ms: int
+    receive_count: int
+    receipt: str | None
+    attributes: dict[str, str] | None
+
+
+# Ack outcomes, one per receipt.
+ACKED = 0
+STALE = 1  # the lease is over: expired, released, superseded, or the message is gone
+UNKNOWN = 2  # no such message was ever in this queue
 
 
 @dataclass(frozen=True, slots=True)
 class CreateQueue:
-    """Create an empty queue. Reply: ``Ok(queue summary dict)``; fails with ``queue_exists``."""
+    """Create an empty queue. Reply: ``Ok(queue description)``; fails with ``queue_exists``."""
 
     tag: ClassVar[int] = 1
+    name: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateQueue:
+    """Change some settings of a queue. Reply: ``Ok(queue description)``."""
+
+    tag: ClassVar[int] = 2
+    name: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteQueue:
+    """Delete a queue and its files, durably. Reply: ``Ok(None)``."""
+
+    tag: ClassVar[int] = 3
     name: str
 
 
 @dataclass(frozen=True, slots=True)
-class Enqueue:
-    """Append one message, durable before the reply. Reply: ``Ok(id)``."""
-
-    tag: ClassVar[int] = 2
-    queue: str
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Consume:
-    """Remove and return up to ``max_messages`` of the oldest messages, durable before the reply.
-
-    Reply: ``Ok(list of Delivery fields)``, empty when the queue is.
-    """
-
-    tag: ClassVar[int] = 3
-    queue: str
-    max_messages: int
-
-
-@dataclass(frozen=True, slots=True)
-class GetQueue:
-    """Describe one queue. Reply: ``Ok(queue summary dict)``."""
+class PurgeQueue:
+    """Remove every message of a queue, durably. Reply: ``Ok(number removed)``."""
 
     tag: ClassVar[int] = 4
     name: str
 
 
 @dataclass(frozen=True, slots=True)
+class GetQueue:
+    """Describe one queue. Reply: ``Ok(queue description)``."""
+
+    tag: ClassVar[int] = 5
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListQueues:
+    """Describe every queue. Reply: ``Ok(list of queue descriptions)``."""
+
+    tag: ClassVar[int] = 6
+
+
+@dataclass(frozen=True, slots=True)
 class GetStatus:
     """Describe the worker and all queues. Reply: ``Ok(status dict)``."""
 
-    tag: ClassVar[int] = 5
+    tag: ClassVar[int] = 7
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Append messages (each an ``Outgoing`` row) atomically, durable before the reply.
+
+    Reply: ``Ok([[id, duplicate], ...])``, one row per message in order; a duplicate (same
+    ``dedup_id`` within the window) stores nothing and carries the first message's id.
+    """
+
+    tag: ClassVar[int] = 8
+    queue: str
+    messages: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Receive:
+    """Take up to ``max_messages`` of the oldest visible messages.
+
+    ``visibility_ms == 0`` removes them (a plain receive); otherwise each is leased for that
+    long and carries a receipt. With ``wait_ms > 0`` and nothing visible, the reply waits until
+    a message arrives or the time is up. Durable before the reply.
+    Reply: ``Ok(list of Delivery rows)``, empty when nothing is visible.
+    """
+
+    tag: ClassVar[int] = 9
+    queue: str
+    max_messages: int
+    visibility_ms: int
+    wait_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Acknowledge leased messages by receipt: they are gone for good. Durable before the reply.
+
+    Reply: ``Ok([outcome, ...])``, one of ``ACKED``, ``STALE``, ``UNKNOWN`` per receipt.
+    """
+
+    tag: ClassVar[int] = 10
+    queue: str
+    receipts: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeVisibility:
+    """Extend a lease to ``visibility_ms`` from now, or with 0 release it at once (a nack).
+
+    Reply: ``Ok(None)``; fails with ``lease_expired`` or ``message_not_found``.
+    """
+
+    tag: ClassVar[int] = 11
+    queue: str
+    receipt: str
+    visibility_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +190,34 @@ class Failure:
         return SegqError.from_code(self.code, self.message, self.details)
 
 
-Request = CreateQueue | Enqueue | Consume | GetQueue | GetStatus
+Request = (
+    CreateQueue
+    | UpdateQueue
+    | DeleteQueue
+    | PurgeQueue
+    | GetQueue
+    | ListQueues
+    | GetStatus
+    | Send
+    | Receive
+    | Ack
+    | ChangeVisibility
+)
 Reply = Ok | Failure
 
-REQUEST_TYPES: tuple[type[Request], ...] = (CreateQueue, Enqueue, Consume, GetQueue, GetStatus)
+REQUEST_TYPES: tuple[type[Request], ...] = (
+    CreateQueue,
+    UpdateQueue,
+    DeleteQueue,
+    PurgeQueue,
+    GetQueue,
+    ListQueues,
+    GetStatus,
+    Send,
+    Receive,
+    Ack,
+    ChangeVisibility,
+)
 REPLY_TYPES: tuple[type[Reply], ...] = (Ok, Failure)
 
 
@@ -179,3 +288,22 @@ def decode_reply(frame: bytes) -> Reply:
     """Parse a reply frame; raise ``ProtocolError`` for anything malformed."""
     reply: Reply = _decode(frame, _REPLIES)
     return reply
+
+
+def parse_outgoing(row: object) -> Outgoing:
+    """Check one ``Send.messages`` row field by field; raise ``ProtocolError``."""
+    if not isinstance(row, list) or len(row) != len(Outgoing._fields):
+        raise ProtocolError("a message row must be [body, delay_ms, attributes, dedup_id]")
+    body, delay_ms, attributes, dedup_id = row
+    if not isinstance(body, bytes):
+        raise ProtocolError("message body must be bytes")
+    if delay_ms is not None and (isinstance(delay_ms, bool) or not isinstance(delay_ms, int)):
+        raise ProtocolError("delay_ms must be an integer or nil")
+    if attributes is not None and not (
+        isinstance(attributes, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in attributes.items())
+    ):
+        raise ProtocolError("attributes must map strings to strings")
+    if dedup_id is not None and not isinstance(dedup_id, str):
+        raise ProtocolError("dedup_id must be a string or nil")
+    return Outgoing(body, delay_ms, attributes, dedup_id)

@@ -60,10 +60,18 @@ _SCAN_CHUNK = 1 << 20
 
 
 class RecordType(enum.IntEnum):
-    """What a record says. Consumption is recorded in the same log as the messages."""
+    """What a record says; its payload is in the comment. A record's seq is its identity:
+    for ENQUEUE it is the message id, for LEASE the lease token in the receipts it grants."""
 
-    ENQUEUE = 1  # payload [sent_at_ms, body]
-    CONSUME = 2  # payload [id, ...]: these messages were removed by a plain receive
+    ENQUEUE = 1  # [sent_at_ms, body] or [sent_at_ms, body, {options}]
+    CONSUME = 2  # [id, ...]: removed by a plain receive
+    LEASE = 3  # [deadline_ms, [id, ...]]: delivered under a lease until the deadline
+    ACK = 4  # [[id, token], ...]: acknowledged, gone for good
+    VISIBILITY = 5  # [deadline_ms, [[id, token], ...]]: lease extended; deadline 0 releases it
+    DEAD = 6  # [dead_letter_queue, [id, ...]]: moved to the dead-letter queue
+    EXPIRE = 7  # [id, ...]: dropped by the retention period
+    PURGE = 8  # number purged: every message before this record is gone
+    STATE = 9  # {counter: n}: cumulative counters, first record of every later segment
 
 
 _RECORD_TYPES = frozenset(int(t) for t in RecordType)

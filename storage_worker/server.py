@@ -1,9 +1,14 @@
 """The worker's socket server: one listener, a ``connection.wait()`` loop, group commit.
 
-Each pass of the loop reads the one pending request of every ready connection, applies them
-all in arrival order, commits the store once (one write and one fdatasync per touched segment),
-and only then sends every reply. Requests that arrive during a commit form the next batch, so
-the number of syncs per request falls as concurrency rises, with no artificial wait.
+Each pass of the loop ends due leases and delays, reads the one pending request of every ready
+connection, applies them all in arrival order, commits the store once (one write and one
+fdatasync per touched segment), and only then sends every reply. Requests that arrive during a
+commit form the next batch, so the number of syncs per request falls as concurrency rises,
+with no artificial wait.
+
+A receive that may wait (long polling) and finds nothing is parked: its connection gets no
+reply until a message becomes visible in that queue or its time is up. The loop sleeps in
+``wait()`` until the next request or the next deadline; nothing polls.
 
 Only the main thread touches the store. A helper thread accepts and authenticates new
 connections (a slow handshake must not stall the loop) and hands them over through a pipe
@@ -13,6 +18,8 @@ that also carries signal wake-ups.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -21,15 +28,17 @@ import socket
 import stat
 import threading
 import time
+from collections import defaultdict, deque
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 from types import FrameType
 
 from shared.channel import accept_handshake
-from shared.protocol import Reply, encode_reply
+from shared.protocol import Ok, Reply, encode_reply
 from storage_worker import dispatch
-from storage_worker.store import Store
+from storage_worker.dispatch import Waiting
+from storage_worker.store import Store, now_ms
 
 log = logging.getLogger("segq.worker")
 
@@ -55,6 +64,10 @@ class WorkerServer:
         self._stopping = False
         self._listener: Listener | None = None
         self._acceptor: threading.Thread | None = None
+        self._parked: dict[Connection, Waiting] = {}
+        self._waiters: defaultdict[str, deque[Connection]] = defaultdict(deque)
+        self._wait_deadlines: list[tuple[int, int, Connection]] = []
+        self._tiebreak = itertools.count()
 
     def serve_forever(self) -> None:
         """Listen, then run the loop. An OSError from the store propagates (exit, no replies)."""
@@ -101,20 +114,78 @@ class WorkerServer:
     # ------------------------------------------------------------------ the loop
 
     def _serve_once(self) -> None:
-        ready = wait([self._wake_r, *self._conns])
+        ready = wait([self._wake_r, *self._conns], self._timeout())
+        now = now_ms()
+        self.store.tick(now)
         batch: list[tuple[Connection, Reply]] = []
         for source in ready:
             if isinstance(source, int):
                 self._drain_wakeups()
                 continue
             assert isinstance(source, Connection)
+            if source in self._parked:
+                self._drop(source)  # a waiting client speaks only when it has given up
+                continue
             frame = self._receive(source)
-            if frame is not None:
-                batch.append((source, dispatch.handle_frame(self.store, frame)))
+            if frame is None:
+                continue
+            result = dispatch.handle_frame(self.store, frame, now)
+            if isinstance(result, Waiting):
+                self._park(source, result)
+            else:
+                batch.append((source, result))
+        self._wake_waiters(now, batch)
         self.store.commit()
         for conn, reply in batch:
             self._send(conn, encode_reply(reply))
-        self.store.collect()
+        self.store.collect(now)
+
+    def _timeout(self) -> float | None:
+        pending = (self.store.next_deadline(), self._next_wait_deadline())
+        deadlines = [d for d in pending if d is not None]
+        if not deadlines:
+            return None
+        return max(0.0, (min(deadlines) - now_ms()) / 1000)
+
+    # ------------------------------------------------------------------ long polls
+
+    def _park(self, conn: Connection, waiting: Waiting) -> None:
+        self._parked[conn] = waiting
+        self._waiters[waiting.request.queue].append(conn)
+        heapq.heappush(self._wait_deadlines, (waiting.deadline_ms, next(self._tiebreak), conn))
+
+    def _unpark(self, conn: Connection) -> Waiting | None:
+        waiting = self._parked.pop(conn, None)
+        if waiting is not None:
+            self._waiters[waiting.request.queue].remove(conn)
+        return waiting
+
+    def _next_wait_deadline(self) -> int | None:
+        while self._wait_deadlines:
+            deadline, _, conn = self._wait_deadlines[0]
+            waiting = self._parked.get(conn)
+            if waiting is not None and waiting.deadline_ms == deadline:
+                return deadline
+            heapq.heappop(self._wait_deadlines)
+        return None
+
+    def _wake_waiters(self, now: int, batch: list[tuple[Connection, Reply]]) -> None:
+        """Answer parked receives whose queue has something visible now, or whose time is up."""
+        readied, self.store.readied = self.store.readied, set()
+        for name in readied:
+            queue_waiters = self._waiters.get(name)
+            while queue_waiters:
+                conn = queue_waiters[0]
+                reply = self._parked[conn].retry(self.store, now)
+                if isinstance(reply, Ok) and not reply.value:
+                    break
+                self._unpark(conn)
+                batch.append((conn, reply))
+        while (deadline := self._next_wait_deadline()) is not None and deadline <= now:
+            _, _, conn = heapq.heappop(self._wait_deadlines)
+            waiting = self._unpark(conn)
+            assert waiting is not None
+            batch.append((conn, waiting.retry(self.store, now)))
 
     def _receive(self, conn: Connection) -> bytes | None:
         try:
@@ -134,6 +205,7 @@ class WorkerServer:
             self._drop(conn)
 
     def _drop(self, conn: Connection) -> None:
+        self._unpark(conn)
         self._conns.discard(conn)
         conn.close()
 
@@ -179,6 +251,9 @@ class WorkerServer:
 
     def _close(self) -> None:
         self._stopping = True
+        for conn in list(self._parked):  # waiting receives get their empty answer now
+            self._unpark(conn)
+            self._send(conn, encode_reply(Ok([])))
         for conn in list(self._conns):
             self._drop(conn)
         if self._acceptor is not None:

@@ -10,7 +10,7 @@ from service.app import create_app
 from service.storage_client import StorageClient
 from storage_worker.store import Store
 
-from harness import InProcessTransport
+from harness import FakeClock, InProcessTransport
 
 MAX_BODY_BYTES = 4096
 
@@ -24,7 +24,15 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-def api(store: Store) -> testing.TestClient:
-    """The Falcon app wired to the real worker logic through the transport seam, no socket."""
-    client = StorageClient(InProcessTransport(store))
-    return testing.TestClient(create_app(client, MAX_BODY_BYTES))
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def api(store: Store, clock: FakeClock) -> testing.TestClient:
+    """The Falcon app wired to the real worker logic through the transport seam, no socket.
+
+    Its clock moves only when a test advances it, so leases and delays run on test time.
+    """
+    client = StorageClient(InProcessTransport(store, clock))
+    return testing.TestClient(create_app(client, MAX_BODY_BYTES, long_polls=2))

@@ -13,31 +13,60 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from shared.protocol import encode_reply
+from shared.protocol import Ok, encode_reply
 from storage_worker import dispatch
-from storage_worker.store import Store
+from storage_worker.dispatch import Waiting
+from storage_worker.store import Store, now_ms
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 class InProcessTransport:
-    """The storage worker's request handling without its socket: decode, apply, commit, reply."""
+    """The storage worker's request handling without its socket: decode, apply, commit, reply.
 
-    def __init__(self, store: Store) -> None:
+    A receive that may wait is retried every few milliseconds until it gets a message or its
+    time is up (the real worker parks it instead).
+    """
+
+    def __init__(self, store: Store, clock: Callable[[], int] = now_ms) -> None:
         self.store = store
+        self.clock = clock
         self._lock = threading.Lock()
 
-    def round_trip(self, frame: bytes) -> bytes:
+    def round_trip(self, frame: bytes, wait_s: float = 0.0) -> bytes:
         with self._lock:
-            reply = dispatch.handle_frame(self.store, frame)
+            now = self.clock()
+            self.store.tick(now)
+            result = dispatch.handle_frame(self.store, frame, now)
+            while isinstance(result, Waiting):
+                self.store.commit()
+                time.sleep(0.005)
+                now = max(self.clock(), now + 5)
+                self.store.tick(now)
+                reply = result.retry(self.store, now)
+                if now >= result.deadline_ms or not (isinstance(reply, Ok) and not reply.value):
+                    result = reply
             self.store.commit()
-            self.store.collect()
-            return encode_reply(reply)
+            self.store.collect(now)
+            return encode_reply(result)
+
+
+class FakeClock:
+    """Wall-clock milliseconds that move only when a test says so."""
+
+    def __init__(self, start_ms: int | None = None) -> None:
+        self.now = now_ms() if start_ms is None else start_ms
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += round(seconds * 1000)
 
 
 def procfile_commands() -> dict[str, str]:

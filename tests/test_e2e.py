@@ -55,7 +55,9 @@ def test_fifo_across_five_queues() -> None:
         for name in names:
             assert [m["content"] for m in drain(client, name)] == [[name, i] for i in range(20)]
         status = client.get("/status").json
-        assert status["queues"] == {name: {"messages": 0} for name in names}
+        assert {name: q["messages"] for name, q in status["queues"].items()} == dict.fromkeys(
+            names, 0
+        )
 
 
 def test_eight_producers_and_eight_consumers_get_every_message_exactly_once() -> None:
@@ -122,7 +124,8 @@ def test_a_restart_keeps_queues_order_and_ids() -> None:
         assert not (svc.data_dir / "worker.sock").exists()
         svc.start_all()
         client = svc.client()
-        assert client.get("/status").json["queues"] == {"a": {"messages": 9}, "b": {"messages": 0}}
+        queues = client.get("/status").json["queues"]
+        assert (queues["a"]["messages"], queues["b"]["messages"]) == (9, 0)
         new_id = client.post("/queues/a/messages", {"content": 10}).json["id"]
         assert new_id > max(ids)
         assert [m["content"] for m in drain(client, "a")] == list(range(1, 11))
@@ -389,8 +392,104 @@ def test_messages_are_stored_per_queue_in_segment_files() -> None:
         client = svc.client()
         for _i in range(40):
             client.post("/queues/q/messages", {"content": "x" * 100})
-        files = sorted(p.name for p in (svc.data_dir / "queues" / "q").iterdir())
-        assert len(files) > 3 and all(f.endswith(".seg") for f in files)
+        queue_dir = svc.data_dir / "queues" / "q"
+        segments = sorted(queue_dir.glob("*.seg"))
+        assert len(segments) > 3
+        assert {p.name for p in queue_dir.iterdir()} - {p.name for p in segments} == {"queue.meta"}
         drain(client)
-        files = sorted(p.name for p in (svc.data_dir / "queues" / "q").iterdir())
-        assert len(files) == 1, "consumed segments are deleted"
+        assert len(list(queue_dir.glob("*.seg"))) == 1, "consumed segments are deleted"
+
+
+# ---------------------------------------------------------------------- reliable delivery
+
+
+def test_a_long_poll_returns_as_soon_as_another_client_sends() -> None:
+    with running() as svc:
+        make_queue(svc)
+        result: list[Any] = []
+
+        def poll() -> None:
+            started = time.monotonic()
+            resp = svc.client().get("/queues/q/messages?wait=10")
+            result.append((resp, time.monotonic() - started))
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        time.sleep(0.3)
+        assert svc.client().post("/queues/q/messages", {"content": "hello"}).status == 201
+        poller.join(timeout=15)
+        resp, elapsed = result[0]
+        assert resp.status == 200 and resp.json["content"] == "hello"
+        assert elapsed < 5, "the poll must end when the message arrives, not at its timeout"
+
+
+def test_long_polls_past_their_bound_do_not_hold_threads_or_block_sends() -> None:
+    with running({"MQ_THREADS": "6", "MQ_LONG_POLLS": "2"}) as svc:
+        make_queue(svc, "idle")
+        make_queue(svc, "busy")
+        outcomes: list[int] = []
+
+        def poll() -> None:
+            outcomes.append(svc.client().get("/queues/idle/messages?wait=10").status)
+
+        pollers = [threading.Thread(target=poll) for _ in range(4)]  # twice the bound
+        for poller in pollers:
+            poller.start()
+        wait_until(lambda: len(outcomes) >= 2)
+        assert outcomes == [204, 204], "polls past the bound answer at once"
+        client = svc.client()
+        for i in range(20):
+            assert client.post("/queues/busy/messages", {"content": i}).status == 201
+            assert client.get("/queues/busy/messages").json["content"] == i
+        assert len(outcomes) == 2, "the bounded polls are still waiting, yet sends went through"
+        client.post("/queues/idle/messages", {"content": "wake"})
+        client.post("/queues/idle/messages", {"content": "wake"})
+        for poller in pollers:
+            poller.join(timeout=15)
+        assert sorted(outcomes) == [200, 200, 204, 204]
+
+
+def test_leases_and_delivery_counts_survive_a_kill_9_of_the_worker() -> None:
+    with running() as svc:
+        make_queue(svc)
+        client = svc.client()
+        client.post("/queues/q/messages", {"content": "long"})
+        client.post("/queues/q/messages", {"content": "short"})
+        long = client.get("/queues/q/messages?visibility_timeout=300").json
+        short = client.get("/queues/q/messages?visibility_timeout=1").json
+        svc.signal("storage", signal.SIGKILL)
+        time.sleep(1.2)
+        svc.start("storage")
+        again = client.get("/queues/q/messages?visibility_timeout=300").json
+        assert (again["content"], again["receive_count"]) == ("short", 2)
+        assert client.get("/queues/q/messages?visibility_timeout=300").status == 204
+        assert client.request("DELETE", f"/queues/q/messages/{long['receipt']}").status == 204
+        resp = client.request("DELETE", f"/queues/q/messages/{short['receipt']}")
+        assert resp.status == 409 and resp.json["error"] == "lease_expired"
+
+
+def test_dedup_survives_a_restart() -> None:
+    with running() as svc:
+        make_queue(svc)
+        client = svc.client()
+        body = {"content": "charge", "dedup_id": "order-7"}
+        first = client.post("/queues/q/messages", body).json["id"]
+        svc.signal("storage", signal.SIGKILL)
+        svc.start("storage")
+        again = client.post("/queues/q/messages", body)
+        assert again.status == 200 and again.json == {"id": first, "queue": "q", "duplicate": True}
+        assert [m["content"] for m in drain(client)] == ["charge"]
+
+
+def test_a_waiting_receive_gets_an_empty_answer_when_the_worker_stops() -> None:
+    with running() as svc:
+        make_queue(svc)
+        result: list[Any] = []
+        poller = threading.Thread(
+            target=lambda: result.append(svc.client().get("/queues/q/messages?wait=15"))
+        )
+        poller.start()
+        time.sleep(0.5)
+        assert svc.signal("storage", signal.SIGTERM) == 0
+        poller.join(timeout=10)
+        assert result and result[0].status == 204

