@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from shared.errors import InvalidRequest
 
-_RECEIPT = re.compile(r"([0-9]{1,20})\.([0-9]{1,20})\.([0-9a-f]{8})")
+_RECEIPT = re.compile(r"([0-9]{1,20})\.([0-9]{1,20})\.([0-9a-f]{16})")
 _MAX_U64 = (1 << 64) - 1
 
 

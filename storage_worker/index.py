@@ -46,8 +46,8 @@ class Part:
 
     __slots__ = (
         "counts",
-        "dedup_until_ms",
         "ids",
+        "keep_until_ms",
         "live",
         "offsets",
         "segment",
@@ -67,7 +67,7 @@ class Part:
         self.counts = array("I")  # deliveries by lease
         self.states = bytearray()
         self.live = 0
-        self.dedup_until_ms = 0  # the segment holds dedup ids that matter until then
+        self.keep_until_ms = 0  # kept at least until then: recent dedup ids or acks
 
     def position(self, msg_id: int) -> int | None:
         pos = bisect.bisect_left(self.ids, msg_id)
@@ -102,6 +102,12 @@ class QueueIndex:
         part = Part(segment)
         self.parts.append(part)
         return part
+
+    def give_back(self, locs: list[Location]) -> None:
+        """Make selected messages that were not delivered after all selectable again."""
+        for loc in locs:
+            if self.state(loc) == READY:
+                heapq.heappush(self._returned, self._id(loc))
 
     def drop_head(self) -> Part:
         """Forget the oldest part; the caller has checked that nothing in it is live."""

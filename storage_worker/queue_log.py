@@ -23,12 +23,12 @@ from typing import Any
 import msgpack
 
 from shared.errors import LeaseExpired, MessageNotFound, QueueCorrupt, QueueFull
-from shared.limits import DEDUP_WINDOW_S, MAX_VISIBILITY_S
+from shared.limits import DEDUP_WINDOW_S, MAX_DELAY_S, MAX_VISIBILITY_S
 from shared.protocol import ACKED, STALE, UNKNOWN, Delivery, Outgoing
 from shared.receipts import Receipt
 from storage_worker import index as ix
 from storage_worker.index import Location, QueueIndex
-from storage_worker.queue_meta import QueueMeta, fsync_dir
+from storage_worker.queue_meta import META_NAME, QueueMeta, fsync_dir
 from storage_worker.segment import (
     FLAG_MORE,
     FRAME_HEADER_SIZE,
@@ -43,8 +43,14 @@ from storage_worker.segment import (
 
 FIRST_SEQ = 1
 DEDUP_WINDOW_MS = DEDUP_WINDOW_S * 1000
+# An acked message's segment is kept at least this long, so a retried ack (its reply lost)
+# still finds the ack it repeats and answers 204 rather than 409.
+ACK_GRACE_MS = 60_000
 RETENTION_BATCH = 1000
 COUNTERS = ("expired", "dead_lettered", "purged")
+# Sealed segments keep no descriptor open unless recently read: a queue pinned by one old
+# message can have thousands of segments, and descriptors are a process-wide budget.
+OPEN_SEALED_SEGMENTS = 4
 
 
 @dataclass
@@ -54,7 +60,6 @@ class Recovery:
     segments: int = 0
     records: int = 0
     torn_tail: dict[str, Any] | None = None
-    deleted_segments: int = 0
 
 
 @dataclass
@@ -84,6 +89,7 @@ class QueueLog:
         self.origins: dict[tuple[str, str], array[int]] = {}
         self._next_seq = FIRST_SEQ
         self._dir_dirty = False
+        self._open_sealed: OrderedDict[Segment, None] = OrderedDict()
 
     # ------------------------------------------------------------------ creation, recovery
 
@@ -106,9 +112,11 @@ class QueueLog:
 
         A torn tail of the newest segment (an incomplete or garbled last frame with nothing
         valid after it, or an unfinished batch) is cut off and reported. Anything else that
-        fails verification raises ``QueueCorrupt`` naming the file and byte offset, and
-        nothing is modified.
+        fails verification raises ``QueueCorrupt`` naming the file and byte offset, and no
+        segment is modified. Records that recovery itself adds are buffered: the caller
+        commits them before it deletes any settled segment.
         """
+        (directory / (META_NAME + ".tmp")).unlink(missing_ok=True)
         try:
             meta = QueueMeta.read(directory)
         except FileNotFoundError:
@@ -146,7 +154,6 @@ class QueueLog:
         log.index.clamp_leases(now_ms + MAX_VISIBILITY_S * 1000)
         log.index.advance(now_ms)
         recovery.segments = len(log.index.parts)
-        recovery.deleted_segments = len(log.drop_settled_segments(now_ms))
         return log, recovery
 
     def _corrupt(self, path: Path, offset: int, reason: str) -> QueueCorrupt:
@@ -204,6 +211,8 @@ class QueueLog:
                 raise self._corrupt(path, exc.offset, exc.reason) from None
         if replay.batch and not newest:
             raise self._corrupt(path, size, "a batch is cut off at the end of a sealed segment")
+        if not newest:
+            segment.close()
         if good_end < size:
             replay.next_seq -= len(replay.batch)
             recovery.records -= len(replay.batch)
@@ -244,14 +253,15 @@ class QueueLog:
         if record_type == RecordType.ENQUEUE:
             offset, size = (where.offset, where.size) if isinstance(where, Record) else where
             sent_at_ms, _, options = _enqueue_fields(payload)
-            visible_at_ms = options.get("visible_at_ms", 0)
+            # A delay cannot outlast its maximum, even if the clock went back since.
+            visible_at_ms = min(options.get("visible_at_ms", 0), now_ms + MAX_DELAY_S * 1000)
             index.add(seq, offset, size, sent_at_ms, visible_at_ms, now_ms)
             dedup_id = options.get("dedup_id")
             if dedup_id is not None and sent_at_ms + DEDUP_WINDOW_MS > now_ms:
                 self.dedup[dedup_id] = (seq, sent_at_ms)
                 self.dedup.move_to_end(dedup_id)
                 newest = index.parts[-1]
-                newest.dedup_until_ms = max(newest.dedup_until_ms, sent_at_ms + DEDUP_WINDOW_MS)
+                newest.keep_until_ms = max(newest.keep_until_ms, sent_at_ms + DEDUP_WINDOW_MS)
             origin = options.get("origin")
             if origin is not None and isinstance(where, Record):  # needed at recovery only
                 source, uid, source_id = origin
@@ -269,6 +279,8 @@ class QueueLog:
             for msg_id, token in payload:
                 if loc := self._leased(msg_id, token, where):
                     index.settle(loc, ix.ACKED)
+                    part = index.part(loc)
+                    part.keep_until_ms = max(part.keep_until_ms, now_ms + ACK_GRACE_MS)
         elif record_type == RecordType.VISIBILITY:
             deadline_ms, receipts = payload
             for msg_id, token in receipts:
@@ -328,8 +340,9 @@ class QueueLog:
         default_delay_ms = self.meta.settings["delay_seconds"] * 1000
         for message in messages:
             if message.dedup_id is not None:
-                if message.dedup_id in self.dedup:
-                    plan.append((True, self.dedup[message.dedup_id][0]))
+                first = self.dedup.get(message.dedup_id)
+                if first is not None and first[1] + DEDUP_WINDOW_MS > now_ms:
+                    plan.append((True, first[0]))
                     continue
                 if message.dedup_id in pending_dedup:
                     plan.append((True, ~pending_dedup[message.dedup_id]))
@@ -346,7 +359,7 @@ class QueueLog:
             plan.append((False, ~len(records)))
             records.append((RecordType.ENQUEUE, _enqueue_fields_of(now_ms, message.body, options)))
         cap = self.meta.settings["max_messages"]
-        if cap is not None and self.index.live + len(records) > cap:
+        if records and cap is not None and self.index.live + len(records) > cap:
             raise QueueFull(
                 f"queue {self.name!r} holds {self.index.live} of at most {cap} messages",
                 queue=self.name,
@@ -398,6 +411,8 @@ class QueueLog:
         """(sent_at_ms, body, attributes) of a message, read back and verified."""
         part, pos = self.index.part(loc), loc[1]
         offset, size = part.offsets[pos], part.sizes[pos]
+        if part is not self.index.parts[-1]:
+            self._note_sealed_read(part.segment)
         try:
             seq, record_type, payload = part.segment.read_record(offset, size)
             sent_at_ms, body, options = _enqueue_fields(msgpack.unpackb(payload))
@@ -481,7 +496,8 @@ class QueueLog:
 
     def purge(self, now_ms: int) -> int:
         purged = self.index.live
-        self._write([(RecordType.PURGE, purged)], now_ms)
+        if purged:
+            self._write([(RecordType.PURGE, purged)], now_ms)
         return purged
 
     def update_settings(self, settings: dict[str, Any]) -> None:
@@ -515,9 +531,10 @@ class QueueLog:
         """
         dropped = []
         parts = self.index.parts
-        while len(parts) > 1 and parts[0].live == 0 and parts[0].dedup_until_ms <= now_ms:
+        while len(parts) > 1 and parts[0].live == 0 and parts[0].keep_until_ms <= now_ms:
             part = self.index.drop_head()
             part.segment.close()
+            self._open_sealed.pop(part.segment, None)
             part.segment.path.unlink()
             if self.sync_enabled:
                 fsync_dir(self.directory)
@@ -610,6 +627,10 @@ class QueueLog:
         sealed.flush()
         if self.sync_enabled:
             sealed.sync()
+            if self._dir_dirty:  # the sealed segment's own creation must be durable first
+                fsync_dir(self.directory)
+                self._dir_dirty = False
+        sealed.close()
         segment = Segment.create(self.directory, self._next_seq)
         self.index.add_part(segment)
         self._dir_dirty = True
@@ -617,6 +638,13 @@ class QueueLog:
         segment.append(frame)
         self._next_seq += 1
         return segment
+
+    def _note_sealed_read(self, segment: Segment) -> None:
+        self._open_sealed[segment] = None
+        self._open_sealed.move_to_end(segment)
+        while len(self._open_sealed) > OPEN_SEALED_SEGMENTS:
+            oldest, _ = self._open_sealed.popitem(last=False)
+            oldest.close()
 
     def _forget_old_dedup(self, now_ms: int) -> None:
         while self.dedup:

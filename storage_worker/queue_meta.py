@@ -40,7 +40,7 @@ class QueueMeta:
 
     @classmethod
     def new(cls, settings: dict[str, Any]) -> QueueMeta:
-        return cls(secrets.token_hex(4), int(time.time() * 1000), SETTING_DEFAULTS | settings)
+        return cls(secrets.token_hex(8), int(time.time() * 1000), SETTING_DEFAULTS | settings)
 
     def write(self, directory: Path, sync: bool) -> None:
         data = msgpack.packb(
@@ -74,7 +74,7 @@ class QueueMeta:
             if not isinstance(data, dict) or data.get("version") != META_VERSION:
                 raise ValueError("unknown metadata version")
             uid, created, settings = data["uid"], data["created_at_ms"], data["settings"]
-            if not isinstance(uid, str) or len(uid) != 8 or not isinstance(created, int):
+            if not isinstance(uid, str) or len(uid) != 16 or not isinstance(created, int):
                 raise ValueError("bad uid or creation time")
             if not isinstance(settings, dict):
                 raise ValueError("settings are not a map")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import struct
 import time
 import zlib
@@ -75,6 +76,11 @@ class RecordType(enum.IntEnum):
 
 
 _RECORD_TYPES = frozenset(int(t) for t in RecordType)
+_TYPE_AND_FLAGS = b"[\\x%02x-\\x%02x][\\x00-\\x%02x]" % (
+    min(_RECORD_TYPES),
+    max(_RECORD_TYPES),
+    _KNOWN_FLAGS,
+)
 
 
 class SegmentError(Exception):
@@ -241,8 +247,11 @@ class Segment:
         os.fdatasync(self._fd)
 
     def read(self, offset: int, size: int) -> bytes:
+        """Read back written bytes; a sealed segment whose descriptor was closed reopens it."""
         if offset + size > self._written:
             self.flush()
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDONLY)
         data = os.pread(self._fd, size, offset)
         if len(data) != size:
             raise SegmentError(self.path, offset, f"short read: {len(data)} of {size} bytes")
@@ -266,7 +275,16 @@ class Segment:
         os.fsync(self._fd)
         self.size = self._written = size
 
+    @property
+    def is_open(self) -> bool:
+        return self._fd >= 0
+
     def close(self) -> None:
+        """Release the descriptor, dropping unwritten appends (as a crash would).
+
+        A later ``read`` of a fully written segment reopens it.
+        """
+        self._pending.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -312,20 +330,35 @@ def find_later_record(fd: int, start: int, end: int, min_seq: int) -> int | None
     """Offset of a valid record with seq >= ``min_seq`` somewhere after ``start``, if any.
 
     Used once, after a bad frame in the newest segment, to tell a torn tail (nothing valid
-    follows) from damage in the middle of the log (valid records follow). Each valid record
-    after the damage has a seq below ``min_seq + bytes left``, which keeps the search cheap.
+    follows) from damage in the middle of the log (valid records follow). A valid record after
+    the damage has a seq below ``min_seq + bytes left / 18``; the high five bytes of such a seq
+    take few values, so candidates are found with ``bytes.find`` at C speed and each is
+    verified in full.
     """
     data = os.pread(fd, end - start, start)
     max_seq = min_seq + len(data) // FRAME_HEADER_SIZE + 1
-    for rel in range(1, len(data) - FRAME_HEADER_SIZE + 1):
-        _, length, seq, record_type, flags = _FRAME.unpack_from(data, rel)
-        if not (min_seq <= seq <= max_seq) or record_type not in _RECORD_TYPES:
-            continue
-        if flags & ~_KNOWN_FLAGS or rel + FRAME_HEADER_SIZE + length > len(data):
-            continue
-        try:
-            decode_frame(data, rel)
-        except ValueError:
-            continue
-        return start + rel
-    return None
+    found: list[int] = []
+    for high in range(min_seq >> 24, (max_seq >> 24) + 1):
+        # bytes 3..7 of the seq field, then a valid type and flags byte
+        anchor = re.escape(struct.pack("<Q", high << 24)[3:]) + _TYPE_AND_FLAGS
+        for match in re.finditer(b"(?=" + anchor + b")", data):
+            rel = match.start() - 11  # the frame would start here
+            if _valid_frame_at(data, rel, min_seq, max_seq):
+                found.append(rel)
+                break
+    return start + min(found) if found else None
+
+
+def _valid_frame_at(data: bytes, rel: int, min_seq: int, max_seq: int) -> bool:
+    if rel < 1 or rel + FRAME_HEADER_SIZE > len(data):
+        return False
+    _, length, seq, record_type, flags = _FRAME.unpack_from(data, rel)
+    if not (min_seq <= seq <= max_seq) or record_type not in _RECORD_TYPES:
+        return False
+    if flags & ~_KNOWN_FLAGS or rel + FRAME_HEADER_SIZE + length > len(data):
+        return False
+    try:
+        decode_frame(data, rel)
+    except ValueError:
+        return False
+    return True

@@ -157,7 +157,10 @@ class WorkerServer:
     def _unpark(self, conn: Connection) -> Waiting | None:
         waiting = self._parked.pop(conn, None)
         if waiting is not None:
-            self._waiters[waiting.request.queue].remove(conn)
+            queue_waiters = self._waiters[waiting.request.queue]
+            queue_waiters.remove(conn)
+            if not queue_waiters:
+                del self._waiters[waiting.request.queue]
         return waiting
 
     def _next_wait_deadline(self) -> int | None:
@@ -171,16 +174,17 @@ class WorkerServer:
 
     def _wake_waiters(self, now: int, batch: list[tuple[Connection, Reply]]) -> None:
         """Answer parked receives whose queue has something visible now, or whose time is up."""
-        readied, self.store.readied = self.store.readied, set()
-        for name in readied:
-            queue_waiters = self._waiters.get(name)
-            while queue_waiters:
-                conn = queue_waiters[0]
-                reply = self._parked[conn].retry(self.store, now)
-                if isinstance(reply, Ok) and not reply.value:
-                    break
-                self._unpark(conn)
-                batch.append((conn, reply))
+        while self.store.readied:  # a retry can ready another queue (a dead-letter move)
+            readied, self.store.readied = self.store.readied, set()
+            for name in readied:
+                queue_waiters = self._waiters.get(name)
+                while queue_waiters:
+                    conn = queue_waiters[0]
+                    reply = self._parked[conn].retry(self.store, now)
+                    if isinstance(reply, Ok) and not reply.value:
+                        break
+                    self._unpark(conn)
+                    batch.append((conn, reply))
         while (deadline := self._next_wait_deadline()) is not None and deadline <= now:
             _, _, conn = heapq.heappop(self._wait_deadlines)
             waiting = self._unpark(conn)

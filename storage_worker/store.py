@@ -75,6 +75,7 @@ class Store:
         self._scheduled: dict[str, int] = {}
         self._next_retention_ms = 0
         self._retaining: set[str] = set()  # queues with a retention period
+        self._doomed: list[Path] = []  # renamed-away directories of deleted queues
         self._lock_fd = -1
 
     @classmethod
@@ -109,6 +110,9 @@ class Store:
             except InvalidRequest:
                 log.warning("ignoring %s: not a queue directory", path)
                 continue
+            if not path.is_dir():
+                log.warning("ignoring %s: not a directory", path)
+                continue
             try:
                 queue, recovery = QueueLog.open(
                     entry, path, self.segment_bytes, self.sync_enabled, now
@@ -129,6 +133,7 @@ class Store:
             fsync_dir(self.queues_dir)
         moves = self._finish_interrupted_moves(now)
         self.commit()
+        deleted = self.collect(now)  # only now: recovery's own records are durable
         self.recovery = {
             "queues": len(self.queues),
             "messages": sum(q.index.live for q in self.queues.values()),
@@ -136,6 +141,7 @@ class Store:
             "quarantined": sorted(self.quarantined),
             "interrupted_operations_cleaned": len(removed),
             "dead_letter_moves_finished": moves,
+            "settled_segments_deleted": deleted,
             "duration_ms": round((time.monotonic() - started) * 1000, 1),
         }
         log.info("recovered: %s", self.recovery)
@@ -231,7 +237,7 @@ class Store:
         os.rename(self.queues_dir / name, doomed)
         if self.sync_enabled:
             fsync_dir(self.queues_dir)
-        shutil.rmtree(doomed)
+        self._doomed.append(doomed)  # its files go after the replies; a crash: at the next start
 
     def purge(self, name: str, now: int) -> int:
         queue = self._queue(name)
@@ -291,6 +297,7 @@ class Store:
         """Lease or consume up to ``max_messages``, moving over-delivered ones to the DLQ first."""
         queue = self._current(name, now)
         deliveries: list[Delivery] = []
+        locs: list[Location] = []
         try:
             while len(deliveries) < max_messages:
                 locs = queue.select(max_messages - len(deliveries))
@@ -298,10 +305,15 @@ class Store:
                     break
                 locs = self._dead_letter(queue, locs, now)
                 deliveries += queue.deliver(locs, visibility_ms, now)
+                locs = []
         except QueueCorrupt as exc:
             self._quarantine(queue, exc)
             if not deliveries:
                 raise
+            return deliveries  # their records were made durable by the quarantine
+        except BaseException:
+            queue.index.give_back(locs)
+            raise
         self._touched(queue)
         return deliveries
 
@@ -385,10 +397,15 @@ class Store:
             queue.sync()
         self._dirty.clear()
 
-    def collect(self, now: int) -> None:
-        """Delete fully settled head segments; call only right after ``commit()``."""
-        for queue in self.queues.values():
-            queue.drop_settled_segments(now)
+    def collect(self, now: int) -> int:
+        """Delete settled head segments and deleted queues' files; only right after ``commit()``.
+
+        Returns how many segments were deleted.
+        """
+        for doomed in self._doomed:
+            shutil.rmtree(doomed, ignore_errors=True)
+        self._doomed.clear()
+        return sum(len(queue.drop_settled_segments(now)) for queue in self.queues.values())
 
     # ------------------------------------------------------------------ internals
 
@@ -424,6 +441,8 @@ class Store:
             )
 
     def _touched(self, queue: QueueLog) -> None:
+        if self.queues.get(queue.name) is not queue:
+            return  # quarantined meanwhile: nothing more is written to it
         self._dirty.add(queue)
         self._schedule(queue)
         if queue.index.ready:
@@ -450,3 +469,4 @@ class Store:
         self.quarantined[queue.name] = exc
         del self.queues[queue.name]
         self._track_settings(queue.name)
+        self.readied.add(queue.name)  # waiting receives get their 503 now

@@ -119,7 +119,7 @@ def test_an_unknown_receipt_is_a_404(api: testing.TestClient) -> None:
     send(api, "job")
     leased = lease(api)
     msg_id, token, uid = leased["receipt"].split(".")
-    other_uid = "0" * 8 if uid != "0" * 8 else "1" * 8
+    other_uid = "0" * 16 if uid != "0" * 16 else "1" * 16
     for receipt in (f"{msg_id}.{token}.{other_uid}", f"999999.{token}.{uid}"):
         assert_error(ack(api, receipt), 404, "message_not_found")
         assert_error(change(api, receipt, 5), 404, "message_not_found")
@@ -252,7 +252,7 @@ def test_batch_ack_acks_with_one_call_and_names_the_stale(
         {"receipts": []},
         {"receipts": "x"},
         {"receipts": ["bad"]},
-        {"receipts": ["1.1.0a0b0c0d"] * 101},
+        {"receipts": ["1.1.0a0b0c0d0e0f0a0b"] * 101},
     ],
 )
 def test_batch_ack_validates_its_body(api: testing.TestClient, body: Any) -> None:
@@ -587,7 +587,7 @@ def test_the_bound_on_long_polls_answers_extra_ones_at_once(api: testing.TestCli
 
 def test_a_receipt_body_limit_and_methods(api: testing.TestClient) -> None:
     create(api)
-    assert api.simulate_post("/queues/q/messages/1.1.0a0b0c0d").status_code == 405
+    assert api.simulate_post("/queues/q/messages/1.1.0a0b0c0d0e0f0a0b").status_code == 405
     big = json.dumps({"visibility_timeout": 1, "pad": "x" * MAX_BODY_BYTES}).encode()
-    result = api.simulate_patch("/queues/q/messages/1.1.0a0b0c0d", body=big)
+    result = api.simulate_patch("/queues/q/messages/1.1.0a0b0c0d0e0f0a0b", body=big)
     assert_error(result, 413, "payload_too_large")

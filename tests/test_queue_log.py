@@ -351,16 +351,18 @@ def test_damage_found_by_a_read_consumes_nothing(qdir: Path) -> None:
     assert info.value.details["offset"] == offsets[1]
 
 
-def test_recovery_deletes_heads_a_crash_left_behind(qdir: Path) -> None:
+def test_opening_deletes_nothing_until_the_caller_collects(qdir: Path) -> None:
     log = new_log(qdir, 200)
     send(log, *bodies(20))
     consume(log, 20)
     log.flush()
-    log.sync()  # crash before drop_settled_segments()
+    log.sync()  # a crash before drop_settled_segments()
     log.close()
-    assert len(segment_files(qdir)) > 1
-    log, recovery = open_log(qdir, 200)
-    assert recovery.deleted_segments > 0
+    before = len(segment_files(qdir))
+    assert before > 1
+    log, _ = open_log(qdir, 200)
+    assert len(segment_files(qdir)) == before
+    assert len(log.drop_settled_segments(NOW)) == before - 1
     assert len(segment_files(qdir)) == 1
 
 
@@ -371,3 +373,19 @@ def test_unsynced_mode_still_recovers_what_was_flushed(qdir: Path) -> None:
     log.close()
     log, _ = QueueLog.open("q", qdir, 200, sync=False, now_ms=NOW)
     assert log.index.ready == 10
+
+
+def test_sealed_segments_hold_no_descriptors_unless_recently_read(qdir: Path) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    log = new_log(qdir, 64)
+    send(log, *bodies(200))  # about a segment per message
+    assert len(segment_files(qdir)) > 100
+    assert open_fds() - before <= 2
+    take(log, 150)
+    assert open_fds() - before <= 2 + 4
+    log = reopen(log)
+    assert open_fds() - before <= 2
+    assert take(log, 100) == list(bodies(200))[150:]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.protocol import ACKED, Outgoing
+from shared.protocol import ACKED, STALE, Outgoing
 from storage_worker.segment import FLAG_MORE, FRAME_HEADER_SIZE, HEADER_SIZE
 from storage_worker.store import Store
 
@@ -223,4 +223,35 @@ def test_settings_survive_a_restart(data_dir: Path) -> None:
     store = restart(store, T0)
     settings = store.describe("q", T0)["settings"]
     assert (settings["delay_seconds"], settings["max_messages"]) == (7, 10)
+    store.close()
+
+
+def test_recovery_deletes_settled_segments_a_crash_left_behind(data_dir: Path) -> None:
+    store = opened(data_dir, segment_bytes=512)
+    store.create_queue("q", {})
+    for i in range(30):
+        store.send("q", [message(b"m %d" % i)], T0)
+        store.receive("q", 1, 0, T0)
+    store.commit()  # and a crash before collect()
+    store.close()
+    store = opened(data_dir, segment_bytes=512)
+    assert store.recovery["settled_segments_deleted"] > 0
+    assert len(list((data_dir / "queues" / "q").glob("*.seg"))) == 1
+    store.close()
+
+
+def test_a_retried_ack_is_still_acked_after_its_segment_could_go(data_dir: Path) -> None:
+    store = opened(data_dir, segment_bytes=512)
+    store.create_queue("q", {})
+    sent(store, "q", b"job")
+    (leased,) = store.receive("q", 1, 30_000, T0)
+    for i in range(30):  # roll well past the job's segment
+        store.send("q", [message(b"m %d" % i)], T0)
+        store.receive("q", 1, 0, T0)
+    assert store.ack("q", [str(leased.receipt)], T0 + 1000) == [ACKED]
+    store.commit()
+    store.collect(T0 + 1000)
+    assert store.ack("q", [str(leased.receipt)], T0 + 2000) == [ACKED]  # the reply was lost
+    store.collect(T0 + 62_000)
+    assert store.ack("q", [str(leased.receipt)], T0 + 62_000) == [STALE]  # long after
     store.close()
