@@ -48,6 +48,7 @@ class Size:
     depth: int
     memory_messages: int
     threads: int = 16
+    fsync: str = "always"
 
 
 FULL = Size(duration_s=10, rounds=3, depth=1_000_000, memory_messages=1_000_000)
@@ -141,8 +142,10 @@ class Reference:
 
 
 @contextmanager
-def segq(root: Path, threads: int, **env: str) -> Iterator[Processes]:
-    procs = Processes(root, {"MQ_THREADS": str(threads), "MQ_LOG_LEVEL": "INFO", **env})
+def segq(root: Path, size: Size) -> Iterator[Processes]:
+    procs = Processes(
+        root, {"MQ_THREADS": str(size.threads), "MQ_FSYNC": size.fsync, "MQ_LOG_LEVEL": "INFO"}
+    )
     try:
         procs.start_all()
         yield procs
@@ -296,7 +299,7 @@ def wrk_on_new_queue(
     return Run(run.rate * per_request, run.p50_ms, run.p99_ms)
 
 
-def single_message_rows(size: Size, svc: Processes, ref: Reference) -> list[Row]:
+def single_message_rows(size: Size, svc: Processes, ref: Reference, wanted: str = "") -> list[Row]:
     rows = []
     receive_fill = int(12_000 * size.duration_s * 1.5)
     for scenario, script, prefill in (
@@ -305,6 +308,8 @@ def single_message_rows(size: Size, svc: Processes, ref: Reference) -> list[Row]
         ("mixed 50/50", "mixed.lua", 2_000),
     ):
         for conns in (16, 64):
+            if wanted and wanted not in f"{scenario}@{conns}":
+                continue
             row = Row(scenario, conns, "req/s", reference="deque-only app")
             rows.append(row)
             pairs: list[tuple[Measure, list[Run]]] = [
@@ -397,7 +402,7 @@ def depth_rows(size: Size, svc: Processes) -> list[Row]:
 
 def memory_and_startup(size: Size, root: Path) -> list[str]:
     lines = []
-    with segq(root / "memory", size.threads) as svc:
+    with segq(root / "memory", size) as svc:
         create_queue(svc.port, "big")
         started = time.monotonic()
         fill(svc.port, "big", size.memory_messages, body_bytes=1024)
@@ -470,6 +475,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a size that takes under 2 minutes")
     parser.add_argument("--rounds", type=int, help="alternation rounds per scenario")
     parser.add_argument("--duration", type=int, help="seconds per wrk run")
+    parser.add_argument("--threads", type=int, default=16, help="MQ_THREADS of both apps")
+    parser.add_argument("--fsync", choices=("always", "never"), default="always")
+    parser.add_argument(
+        "--single",
+        default="",
+        help="run only the single-message rows whose 'scenario@conns' contains this",
+    )
     parser.add_argument(
         "--only",
         default="single,batch,depth,memory",
@@ -482,6 +494,8 @@ def main() -> int:
         args.rounds or size.rounds,
         size.depth,
         size.memory_messages,
+        args.threads,
+        args.fsync,
     )
     parts = set(args.only.split(","))
     ensure_tools()
@@ -494,11 +508,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="segq-bench-") as tmp:
         root = Path(tmp)
         (root / "segq").mkdir()
-        with segq(root / "segq", size.threads) as svc:
+        with segq(root / "segq", size) as svc:
             if "single" in parts:
                 ref = Reference(root, size.threads)
                 try:
-                    rows += single_message_rows(size, svc, ref)
+                    rows += single_message_rows(size, svc, ref, args.single)
                 finally:
                     ref.close()
             if "batch" in parts:
@@ -511,7 +525,7 @@ def main() -> int:
             notes += memory_and_startup(size, root)
     print(
         f"segq {commit}: {size.duration_s} s per run, {size.rounds} rounds, "
-        f"MQ_THREADS={size.threads}, MQ_FSYNC=always, {os.cpu_count()} cores; "
+        f"MQ_THREADS={size.threads}, MQ_FSYNC={size.fsync}, {os.cpu_count()} cores; "
         f"took {time.monotonic() - began:.0f} s\n"
     )
     if rows:

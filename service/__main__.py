@@ -14,6 +14,8 @@ from shared.startup import configure, make_parser
 
 log = logging.getLogger("segq.web")
 
+WEB_SWITCH_INTERVAL_S = 0.001
+
 DESCRIPTION = """\
 The segq web front-end: serves the HTTP/JSON API on MQ_HOST:PORT with waitress and forwards
 every queue operation to the storage worker over MQ_SOCKET. It starts in any order with the
@@ -33,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
         return 1
+
+    # Every request here blocks twice on the worker socket, and each time its thread must win
+    # the GIL back from threads that are parsing and writing HTTP. With CPython's default 5 ms
+    # switch interval a thread whose reply has arrived can wait milliseconds for it; 1 ms
+    # measured clearly better for throughput and p99 under 64 connections (bench/run.py).
+    sys.setswitchinterval(WEB_SWITCH_INTERVAL_S)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(0)  # waitress's run() turns this into an orderly shutdown

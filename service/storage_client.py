@@ -14,7 +14,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from shared.channel import connect, set_io_timeout
+from shared.channel import connect, recv_frame, set_io_timeout
 from shared.config import Config
 from shared.errors import ProtocolError, StorageUnavailable
 from shared.protocol import (
@@ -82,7 +82,7 @@ class SocketTransport:
         try:
             if wait_s:
                 set_io_timeout(conn, self._config.storage_timeout_s + wait_s)
-            reply = conn.recv_bytes(self._config.max_frame_bytes)
+            reply = recv_frame(conn, self._config.max_frame_bytes)
             if wait_s:
                 set_io_timeout(conn, self._config.storage_timeout_s)
         except (EOFError, OSError) as exc:

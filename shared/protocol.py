@@ -242,8 +242,11 @@ _REQUESTS = {cls.tag: (cls, _schema(cls)) for cls in REQUEST_TYPES}
 _REPLIES = {cls.tag: (cls, _schema(cls)) for cls in REPLY_TYPES}
 
 
+_FIELD_NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in (*REQUEST_TYPES, *REPLY_TYPES)}
+
+
 def _encode(message: Any) -> bytes:
-    values = [getattr(message, f.name) for f in fields(message)]
+    values = [getattr(message, name) for name in _FIELD_NAMES[type(message)]]
     frame: bytes = msgpack.packb([PROTOCOL_VERSION, message.tag, *values], use_bin_type=True)
     return frame
 

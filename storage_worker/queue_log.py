@@ -226,6 +226,12 @@ class QueueLog:
 
     def _replay_record(self, part: ix.Part, record: Record, now_ms: int) -> None:
         try:
+            if record.type == RecordType.ENQUEUE and record.payload[:2] == _PLAIN_ENQUEUE:
+                # The common record, [sent_at_ms, body] with no options: read the time in
+                # place instead of unpacking (and copying) the body. Same effect as _apply.
+                sent_at_ms = int.from_bytes(record.payload[2:10], "big")
+                self.index.add(record.seq, record.offset, record.size, sent_at_ms, 0, now_ms)
+                return
             payload = msgpack.unpackb(record.payload)
             self._apply(RecordType(record.type), record.seq, payload, now_ms, record)
         except QueueCorrupt:
@@ -652,6 +658,10 @@ class QueueLog:
             if sent_at_ms + DEDUP_WINDOW_MS > now_ms:
                 break
             del self.dedup[dedup_id]
+
+
+# msgpack of [uint64, ...]: a 2-element array whose first element is a 64-bit unsigned int.
+_PLAIN_ENQUEUE = b"\x92\xcf"
 
 
 def _enqueue_fields_of(sent_at_ms: int, body: bytes, options: dict[str, Any]) -> list[Any]:

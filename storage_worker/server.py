@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 from types import FrameType
 
-from shared.channel import accept_handshake
+from shared.channel import accept_handshake, recv_frame
 from shared.protocol import Ok, Reply, encode_reply
 from storage_worker import dispatch
 from storage_worker.dispatch import Waiting
@@ -193,7 +193,7 @@ class WorkerServer:
 
     def _receive(self, conn: Connection) -> bytes | None:
         try:
-            return conn.recv_bytes(self.max_frame_bytes)
+            return recv_frame(conn, self.max_frame_bytes)
         except EOFError:
             self._drop(conn)
         except OSError as exc:
