@@ -329,9 +329,15 @@ def _measure_single(
 
 def batch_rows(size: Size, svc: Processes, redis_port: int) -> list[Row]:
     redis_name = "Redis LPUSH -P 1, fsync always"
-    send = Row("batch send (100 x 100 B)", 16, "msg/s", redis_name, latency_comparable=False)
+    send = Row(
+        "batch send (100 x 100 B)", 16, "msg/s", reference=redis_name, latency_comparable=False
+    )
     receive = Row(
-        "batch receive (max_messages=100)", 16, "msg/s", redis_name, latency_comparable=False
+        "batch receive (max_messages=100)",
+        16,
+        "msg/s",
+        reference=redis_name,
+        latency_comparable=False,
     )
 
     def batch_send(number: int) -> Run:
