@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import sys
 from types import FrameType
 
 from service.app import create_app
+from service.auth import Tokens
 from service.server import bound_addresses, make_server
 from service.storage_client import SocketTransport, StorageClient
 from shared.startup import configure, make_parser
@@ -29,7 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return 1
     client = StorageClient(SocketTransport(config))
-    app = create_app(client, config.max_body_bytes, config.long_polls)
+    tokens = Tokens.from_config(config)
+    app = create_app(client, config.max_body_bytes, config.long_polls, tokens)
+    if not tokens.enabled and not _is_loopback(config.host):
+        log.warning(
+            "!!! serving on %s with no MQ_TOKEN: anyone who can reach this port can read, "
+            "send and delete every message. Set MQ_TOKEN (or MQ_TOKEN_FILE). !!!",
+            config.host,
+        )
     try:
         server = make_server(app, config)
     except (OSError, ValueError) as exc:
@@ -51,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     server.run()
     log.info("segq web stopped")
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from shared import errors
 HTTP_STATUS: dict[type[errors.SegqError], int] = {
     errors.MalformedJSON: 400,
     errors.InvalidRequest: 400,
+    errors.Unauthorized: 401,
+    errors.Forbidden: 403,
     errors.QueueNotFound: 404,
     errors.MessageNotFound: 404,
     errors.QueueExists: 409,
@@ -23,6 +25,8 @@ HTTP_STATUS: dict[type[errors.SegqError], int] = {
     errors.LeaseExpired: 409,
     errors.PayloadTooLarge: 413,
     errors.QueueFull: 429,
+    errors.InsufficientStorage: 507,
+    errors.TooManyQueues: 507,
     errors.InternalError: 500,
     errors.ProtocolError: 502,
     errors.QueueCorrupt: 503,
@@ -65,6 +69,8 @@ def handle_segq_error(
     resp.data = error_body(error.code, error.message, error.details)
     if status == 503:
         resp.set_header("Retry-After", RETRY_AFTER_S)
+    elif status == 401:
+        resp.set_header("WWW-Authenticate", 'Bearer realm="segq"')
 
 
 def serialize_http_error(

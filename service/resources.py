@@ -147,6 +147,13 @@ class LongPollGate:
             self._slots.release()
 
 
+class Health:
+    """``/health``: the web process is up (it asks nothing of the worker; no token needed)."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        send_json(resp, 200, b'{"status":"alive"}')
+
+
 class Status:
     """``/status``: the worker's report, or 503 ``degraded`` while it cannot be reached."""
 

@@ -56,6 +56,8 @@ def make_server(app: falcon.App[falcon.Request, falcon.Response], config: Config
         port=config.port,
         threads=config.threads,
         ident="segq",
+        channel_timeout=config.client_timeout_s,
+        cleanup_interval=max(1, min(30, int(config.client_timeout_s / 2))),
         # waitress refuses a Content-Length >= this before reading the body.
         max_request_body_size=config.max_body_bytes + 1,
         clear_untrusted_proxy_headers=True,

@@ -59,6 +59,25 @@ SETTINGS: tuple[Setting, ...] = (
         "that the worker creates on first start",
     ),
     Setting("MQ_STORAGE_TIMEOUT_S", "10", "how long the web process waits for the worker's reply"),
+    Setting(
+        "MQ_CLIENT_TIMEOUT_S",
+        "60",
+        "an HTTP connection with no traffic for this long is closed (requests are read "
+        "whole before a thread is given to them, so a slow client never holds a thread)",
+    ),
+    Setting("MQ_MAX_QUEUES", "1000", "most queues the data directory may hold (507 beyond)"),
+    Setting(
+        "MQ_DISK_RESERVE_BYTES",
+        "67108864",
+        "free disk space kept for receives and acks: sends get 507 while less is free",
+    ),
+    Setting("MQ_TOKEN", "", "comma-separated bearer tokens with full access (unset: no auth)"),
+    Setting("MQ_READ_TOKEN", "", "comma-separated bearer tokens that may only read status"),
+    Setting(
+        "MQ_TOKEN_FILE",
+        "",
+        "file of tokens, one a line ('read <token>' for read-only), re-read when it changes",
+    ),
     Setting("MQ_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
 
@@ -79,6 +98,12 @@ class Config:
     authkey: bytes | None
     storage_timeout_s: float
     log_level: str
+    client_timeout_s: float = 60.0
+    max_queues: int = 1000
+    disk_reserve_bytes: int = 64 << 20
+    tokens: tuple[str, ...] = ()
+    read_tokens: tuple[str, ...] = ()
+    token_file: Path | None = None
 
     @property
     def queues_dir(self) -> Path:
@@ -154,6 +179,10 @@ def _parse_float(env: str, raw: str, low: float, high: float) -> float:
     return value
 
 
+def _parse_tokens(raw: str) -> tuple[str, ...]:
+    return tuple(token.strip() for token in raw.split(",") if token.strip())
+
+
 def _parse_choice(env: str, raw: str, choices: tuple[str, ...]) -> str:
     if raw not in choices:
         raise ConfigError(f"{env} must be one of {', '.join(choices)}, not {raw!r}")
@@ -200,6 +229,18 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             "MQ_STORAGE_TIMEOUT_S", get("MQ_STORAGE_TIMEOUT_S"), 0.1, 3600.0
         ),
         log_level=_parse_choice("MQ_LOG_LEVEL", get("MQ_LOG_LEVEL").upper(), LOG_LEVELS),
+        client_timeout_s=_parse_float(
+            "MQ_CLIENT_TIMEOUT_S", get("MQ_CLIENT_TIMEOUT_S"), 1.0, 86400.0
+        ),
+        max_queues=_parse_int("MQ_MAX_QUEUES", get("MQ_MAX_QUEUES"), 1, 1_000_000),
+        disk_reserve_bytes=_parse_int(
+            "MQ_DISK_RESERVE_BYTES", get("MQ_DISK_RESERVE_BYTES"), 0, 1 << 50
+        ),
+        tokens=_parse_tokens(env.get("MQ_TOKEN", "")),
+        read_tokens=_parse_tokens(env.get("MQ_READ_TOKEN", "")),
+        token_file=Path(os.path.abspath(token_file))
+        if (token_file := get("MQ_TOKEN_FILE"))
+        else None,
     )
 
 
@@ -208,5 +249,5 @@ def settings_help() -> str:
     width = max(len(s.env) for s in SETTINGS)
     lines = ["settings (environment variables):"]
     for s in SETTINGS:
-        lines.append(f"  {s.env:<{width}}  {s.help} (default: {s.default})")
+        lines.append(f"  {s.env:<{width}}  {s.help} (default: {s.default or 'unset'})")
     return "\n".join(lines)

@@ -71,6 +71,30 @@ class QueueExists(SegqError):
     code = "queue_exists"
 
 
+class Unauthorized(SegqError):
+    """Raised when a request carries no valid bearer token."""
+
+    code = "unauthorized"
+
+
+class Forbidden(SegqError):
+    """Raised when a read-only token asks for anything but reading status and queues."""
+
+    code = "forbidden"
+
+
+class InsufficientStorage(SegqError):
+    """Raised for sends while free disk space is under the reserve kept for consuming."""
+
+    code = "insufficient_storage"
+
+
+class TooManyQueues(SegqError):
+    """Raised when creating a queue past ``MQ_MAX_QUEUES``."""
+
+    code = "too_many_queues"
+
+
 class QueueInUse(SegqError):
     """Raised when deleting a queue that another queue uses as its dead-letter queue."""
 

@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import time
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -95,12 +96,19 @@ class QueueLog:
 
     @classmethod
     def create(
-        cls, name: str, directory: Path, segment_bytes: int, sync: bool, meta: QueueMeta
+        cls,
+        name: str,
+        directory: Path,
+        segment_bytes: int,
+        sync: bool,
+        meta: QueueMeta,
+        first_seq: int = FIRST_SEQ,
     ) -> QueueLog:
         """Start a new queue in ``directory`` (which must exist and be empty)."""
         meta.write(directory, sync)
         log = cls(name, directory, segment_bytes, sync, meta)
-        log.index.add_part(Segment.create(directory, FIRST_SEQ))
+        log.index.add_part(Segment.create(directory, first_seq))
+        log._next_seq = first_seq
         log._dir_dirty = True
         return log
 
@@ -477,6 +485,11 @@ class QueueLog:
                 options["attributes"] = attributes
             records.append((RecordType.ENQUEUE, _enqueue_fields_of(now_ms, body, options)))
         self._write(records, now_ms)
+
+    def append_salvaged(self, payloads: list[Any]) -> None:
+        """Append message records read back from a damaged log, in order (for repair)."""
+        for payload in payloads:
+            self._write([(RecordType.ENQUEUE, payload)], int(time.time() * 1000))
 
     def settle_moved(self, source_ids: list[int], dead_letter_queue: str, now_ms: int) -> int:
         """At recovery: settle messages whose dead-letter copy exists but whose move was cut."""

@@ -28,12 +28,14 @@ from typing import Any
 
 from shared.config import Config
 from shared.errors import (
+    InsufficientStorage,
     InvalidRequest,
     PayloadTooLarge,
     QueueCorrupt,
     QueueExists,
     QueueInUse,
     QueueNotFound,
+    TooManyQueues,
 )
 from shared.limits import SETTING_DEFAULTS, check_queue_name, check_redrive, check_settings
 from shared.protocol import Delivery, Outgoing
@@ -46,6 +48,7 @@ log = logging.getLogger("segq.store")
 _NEW_PREFIX = ".new-"
 _DELETED_PREFIX = ".deleted-"
 RETENTION_CHECK_MS = 1000
+DISK_CHECK_INTERVAL_S = 0.1
 
 
 def now_ms() -> int:
@@ -59,8 +62,20 @@ class DataDirLocked(Exception):
 class Store:
     """Every queue in ``data_dir/queues``, plus the quarantine of queues that failed recovery."""
 
-    def __init__(self, data_dir: Path, segment_bytes: int, sync: bool, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        segment_bytes: int,
+        sync: bool,
+        max_body_bytes: int,
+        max_queues: int = 1000,
+        disk_reserve_bytes: int = 0,
+    ) -> None:
         self.data_dir = data_dir
+        self.max_queues = max_queues
+        self.disk_reserve_bytes = disk_reserve_bytes
+        self._disk_free = 0
+        self._disk_checked_at = -1.0
         self.queues_dir = data_dir / "queues"
         self.segment_bytes = segment_bytes
         self.sync_enabled = sync
@@ -80,7 +95,14 @@ class Store:
 
     @classmethod
     def from_config(cls, config: Config) -> Store:
-        return cls(config.data_dir, config.segment_bytes, config.fsync, config.max_body_bytes)
+        return cls(
+            config.data_dir,
+            config.segment_bytes,
+            config.fsync,
+            config.max_body_bytes,
+            config.max_queues,
+            config.disk_reserve_bytes,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -182,6 +204,12 @@ class Store:
         check_queue_name(name)
         if name in self.queues or name in self.quarantined:
             raise QueueExists(f"queue {name!r} already exists", queue=name)
+        if len(self.queues) + len(self.quarantined) >= self.max_queues:
+            raise TooManyQueues(
+                f"the data directory holds {self.max_queues} queues, the most MQ_MAX_QUEUES allows",
+                max_queues=self.max_queues,
+            )
+        self._check_disk(0)
         merged = SETTING_DEFAULTS | check_settings(settings)
         self._check_redrive(merged, name)
         tmp = self.queues_dir / f"{_NEW_PREFIX}{name}"
@@ -289,6 +317,7 @@ class Store:
             if len(message.body) > self.max_body_bytes:
                 raise PayloadTooLarge(f"a message is larger than {self.max_body_bytes} bytes")
         queue = self._current(name, now)
+        self._check_disk(sum(len(m.body) for m in messages))
         results = queue.send(messages, now)
         self._touched(queue)
         return results
@@ -424,6 +453,27 @@ class Store:
             self._retaining.add(name)
         else:
             self._retaining.discard(name)
+
+    def _check_disk(self, needed: int) -> None:
+        """Refuse new data while free space is under the reserve that receives and acks use.
+
+        ``statvfs`` runs at most every 100 ms; in between, what was admitted is deducted.
+        """
+        if not self.disk_reserve_bytes:
+            return
+        now = time.monotonic()
+        if now - self._disk_checked_at >= DISK_CHECK_INTERVAL_S:
+            stats = os.statvfs(self.data_dir)
+            self._disk_free = stats.f_bavail * stats.f_frsize
+            self._disk_checked_at = now
+        if self._disk_free - needed < self.disk_reserve_bytes:
+            raise InsufficientStorage(
+                f"{self._disk_free} bytes are free on the data directory's disk; new messages are "
+                f"refused while fewer than {self.disk_reserve_bytes} are (MQ_DISK_RESERVE_BYTES)",
+                free_bytes=self._disk_free,
+                reserve_bytes=self.disk_reserve_bytes,
+            )
+        self._disk_free -= needed
 
     def _current(self, name: str, now: int) -> QueueLog:
         """The queue, with the leases and delays due by ``now`` already ended."""
