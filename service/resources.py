@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 import falcon
 
@@ -102,6 +103,20 @@ def query_number(req: falcon.Request, name: str) -> float | None:
     if not math.isfinite(value):
         raise InvalidRequest(f"{name} must be a finite number", field=name)
     return value
+
+
+def read_list_body(
+    req: falcon.Request, name: str, max_body_bytes: int, field: str, limit: int
+) -> tuple[str, list[Any]]:
+    """The queue named in the path and the one list ``field`` of the JSON body (1..limit)."""
+    reject_query(req)
+    queue = queue_in_path(name)
+    body = read_json_object(req, max_body_bytes)
+    check_fields(body, frozenset({field}))
+    items = body.get(field)
+    if not isinstance(items, list) or not 1 <= len(items) <= limit:
+        raise InvalidRequest(f"{field} must be a list of 1 to {limit} entries", field=field)
+    return queue, items
 
 
 def send_json(resp: falcon.Response, status: int, data: bytes) -> None:
@@ -284,15 +299,9 @@ class Batch:
         self._max_body_bytes = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        reject_query(req)
-        queue = queue_in_path(name)
-        body = read_json_object(req, self._max_body_bytes)
-        check_fields(body, frozenset({"messages"}))
-        entries = body.get("messages")
-        if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_BATCH_MESSAGES:
-            raise InvalidRequest(
-                f"messages must be a list of 1 to {MAX_BATCH_MESSAGES} messages", field="messages"
-            )
+        queue, entries = read_list_body(
+            req, name, self._max_body_bytes, "messages", MAX_BATCH_MESSAGES
+        )
         messages = []
         for position, entry in enumerate(entries):
             try:
@@ -318,15 +327,9 @@ class Acks:
         self._max_body_bytes = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        reject_query(req)
-        queue = queue_in_path(name)
-        body = read_json_object(req, self._max_body_bytes)
-        check_fields(body, frozenset({"receipts"}))
-        receipts = body.get("receipts")
-        if not isinstance(receipts, list) or not 1 <= len(receipts) <= MAX_ACK_RECEIPTS:
-            raise InvalidRequest(
-                f"receipts must be a list of 1 to {MAX_ACK_RECEIPTS} receipts", field="receipts"
-            )
+        queue, receipts = read_list_body(
+            req, name, self._max_body_bytes, "receipts", MAX_ACK_RECEIPTS
+        )
         for position, receipt in enumerate(receipts):
             try:
                 Receipt.parse(receipt)

@@ -13,7 +13,6 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 import time
 from array import array
 from collections import OrderedDict
@@ -39,7 +38,7 @@ from storage_worker.segment import (
     Segment,
     SegmentError,
     encode_frame,
-    parse_segment_name,
+    list_segments,
 )
 
 FIRST_SEQ = 1
@@ -140,11 +139,7 @@ class QueueLog:
             ) from None
         log = cls(name, directory, segment_bytes, sync, meta)
         recovery = Recovery()
-        found = sorted(
-            (base, directory / entry)
-            for entry in os.listdir(directory)
-            if (base := parse_segment_name(entry)) is not None
-        )
+        found = list_segments(directory)
         if not found:
             raise QueueCorrupt(f"queue {name!r} has no segment files", queue=name)
         replay = _Replay(next_seq=found[0][0], now_ms=now_ms)

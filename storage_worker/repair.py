@@ -36,7 +36,7 @@ from storage_worker.segment import (
     RecordType,
     Segment,
     SegmentError,
-    parse_segment_name,
+    list_segments,
 )
 
 REMOVING = frozenset(
@@ -83,11 +83,7 @@ class Scan:
 def scan_queue(directory: Path) -> Scan:
     """Read what can be read of one queue's segments, without changing anything."""
     scan = Scan()
-    names = sorted(
-        (base, directory / entry)
-        for entry in os.listdir(directory)
-        if (base := parse_segment_name(entry)) is not None
-    )
+    names = list_segments(directory)
     if not names:
         scan.damage.append(Damage(f"queues/{directory.name}", 0, 0, "no segment files"))
     expected = names[0][0] if names else FIRST_SEQ

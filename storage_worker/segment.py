@@ -109,6 +109,15 @@ def segment_name(base_seq: int) -> str:
     return f"{base_seq:0{NAME_DIGITS}d}{SEGMENT_SUFFIX}"
 
 
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """(base seq, path) of every segment file in ``directory``, in log order."""
+    return sorted(
+        (base, directory / entry)
+        for entry in os.listdir(directory)
+        if (base := parse_segment_name(entry)) is not None
+    )
+
+
 def parse_segment_name(name: str) -> int | None:
     """The base sequence a segment file name encodes, or None if it is not a segment name."""
     stem, dot, suffix = name.partition(".")

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -136,6 +137,22 @@ class HTTPClient:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def raw_http(port: int, request: bytes, timeout_s: float = 30.0) -> bytes:
+    """Send raw bytes to the service and return everything it answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(request)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 class Processes:

@@ -7,7 +7,6 @@ answer the service gave against what is on disk afterwards.
 from __future__ import annotations
 
 import signal
-import socket
 import stat
 import threading
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from harness import HTTPClient, Processes, running
+from harness import HTTPClient, Processes, raw_http, running
 
 pytestmark = pytest.mark.e2e
 
@@ -270,21 +269,6 @@ def test_a_web_process_with_the_wrong_authkey_is_refused() -> None:
         assert resp.status == 503
         assert "authentication" in resp.json["message"]
         assert "did not know the authkey" in svc.logs()
-
-
-def raw_http(port: int, request: bytes, timeout_s: float = 5.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
-        sock.sendall(request)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except (TimeoutError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 def test_a_huge_body_is_refused_from_its_length_before_it_is_sent() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from shared.errors import QueueCorrupt
 from storage_worker.queue_log import QueueLog
 from storage_worker.segment import HEADER_SIZE, RecordType, encode_frame, encode_header
 
-from harness import Processes, running
+from harness import Processes, raw_http, running
 
 T0 = 1_800_000_000_000
 
@@ -129,21 +128,6 @@ def service() -> Iterator[Processes]:
         yield svc
 
 
-def raw_request(port: int, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(request)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except (TimeoutError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
 @pytest.mark.e2e
 @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
 @given(method=methods, path=paths, query=queries, hdrs=headers, body=bodies)
@@ -156,7 +140,7 @@ def test_random_requests_get_answers_never_500s(
         head += f"{name}: {value}\r\n"
     if "Transfer-Encoding" not in hdrs:
         head += f"Content-Length: {len(body)}\r\n"
-    reply = raw_request(service.port, head.encode("latin-1") + b"\r\n" + body)
+    reply = raw_http(service.port, head.encode("latin-1") + b"\r\n" + body)
     assert reply.startswith(b"HTTP/1."), reply[:200]
     status = int(reply.split(b" ", 2)[1])
     assert status != 500, reply[:500]

@@ -83,11 +83,11 @@ def producer(svc: Processes, ledger: Ledger, number: int, stop: threading.Event)
         sent += len(batch)
         try:
             if len(batch) == 1:
-                resp = client.post("/queues/work/messages", {"content": batch[0]})
+                resp = client.post("/queues/jobs/messages", {"content": batch[0]})
                 ids = [resp.json["id"]] if resp.status == 201 else []
             else:
                 body = {"messages": [{"content": c} for c in batch]}
-                resp = client.post("/queues/work/messages/batch", body)
+                resp = client.post("/queues/jobs/messages/batch", body)
                 ids = resp.json["ids"] if resp.status == 201 else []
         except OSError:
             resp, ids = None, []
@@ -108,7 +108,7 @@ def plain_consumer(svc: Processes, ledger: Ledger, stop: threading.Event) -> Non
     while not stop.is_set():
         started = time.monotonic()
         try:
-            resp = client.get("/queues/work/messages")
+            resp = client.get("/queues/jobs/messages")
         except OSError:
             ledger.unanswered(None)
             continue
@@ -126,7 +126,7 @@ def leasing_consumer(svc: Processes, ledger: Ledger, number: int, stop: threadin
     while not stop.is_set():
         started = time.monotonic()
         try:
-            resp = client.get(f"/queues/work/messages?visibility_timeout={LEASE_S}&max_messages=3")
+            resp = client.get(f"/queues/jobs/messages?visibility_timeout={LEASE_S}&max_messages=3")
         except OSError:
             continue
         if resp.status != 200:
@@ -138,12 +138,12 @@ def leasing_consumer(svc: Processes, ledger: Ledger, number: int, stop: threadin
             try:
                 if choice < 0.6:
                     done = None
-                    done = client.request("DELETE", f"/queues/work/messages/{message['receipt']}")
+                    done = client.request("DELETE", f"/queues/jobs/messages/{message['receipt']}")
                     ledger.unanswered(done)
                     if done.status == 204:
                         ledger.removed(message["content"])
                 elif choice < 0.8:
-                    path = f"/queues/work/messages/{message['receipt']}"
+                    path = f"/queues/jobs/messages/{message['receipt']}"
                     client.request("PATCH", path, {"visibility_timeout": 0})
             except OSError:
                 if choice < 0.6:
@@ -204,7 +204,7 @@ def run(cycles: int, seed: int = 7) -> tuple[int, int, list[str]]:
             svc.start_all()
             admin = HTTPClient(svc.port)
             assert admin.post("/queues", {"name": "dead"}).status == 201
-            settings = {"name": "work", "max_receives": MAX_RECEIVES, "dead_letter_queue": "dead"}
+            settings = {"name": "jobs", "max_receives": MAX_RECEIVES, "dead_letter_queue": "dead"}
             assert admin.post("/queues", settings).status == 201
             ledger = Ledger()
             stop = threading.Event()
@@ -232,7 +232,7 @@ def run(cycles: int, seed: int = 7) -> tuple[int, int, list[str]]:
             status = admin.get("/status").json["queues"]
             counted = sum(q["messages"] + q["in_flight"] + q["delayed"] for q in status.values())
             started = time.monotonic()
-            drained = drain(admin, "work") + drain(admin, "dead")
+            drained = drain(admin, "jobs") + drain(admin, "dead")
             return cycles, ledger.operations, check(ledger, drained, counted, started)
         except BaseException:
             sys.stderr.write(svc.logs()[-20_000:])
