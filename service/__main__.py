@@ -12,7 +12,7 @@ from service.app import create_app
 from service.auth import Tokens
 from service.server import bound_addresses, make_server
 from service.storage_client import SocketTransport, StorageClient
-from shared.startup import configure, make_parser
+from shared.startup import configure, make_parser, raise_open_files_limit
 
 log = logging.getLogger("segq.web")
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     config = configure("web")
     if config is None:
         return 1
+    raise_open_files_limit()
     client = StorageClient(SocketTransport(config))
     tokens = Tokens.from_config(config)
     app = create_app(client, config.max_body_bytes, config.long_polls, tokens)

@@ -39,7 +39,7 @@ class Tokens:
         self._file = file
         self._full = list(full)
         self._read = list(read)
-        self._file_mtime: float | None = None
+        self._file_signature: tuple[int, int, int] | None = None
         self._next_check = 0.0
         self._lock = threading.Lock()
         self._reload()
@@ -80,26 +80,36 @@ class Tokens:
         if self._file is None:
             return
         try:
-            mtime = os.stat(self._file).st_mtime
-            if mtime == self._file_mtime:
+            info = os.stat(self._file)
+            signature = (info.st_mtime_ns, info.st_size, info.st_ino)
+            if signature == self._file_signature:
                 return
             lines = self._file.read_text().splitlines()
+        except FileNotFoundError:
+            if self._file_signature is not None:
+                log.warning("MQ_TOKEN_FILE %s is gone: its tokens are withdrawn", self._file)
+            self._full, self._read = list(self._env_full), list(self._env_read)
+            self._file_signature = None
+            return
         except OSError as exc:
             log.error("cannot read MQ_TOKEN_FILE %s: %s; keeping the tokens I had", self._file, exc)
             return
         full, read = list(self._env_full), list(self._env_read)
-        for line in lines:
-            line = line.strip()
+        for number, raw in enumerate(lines, start=1):
+            line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            kind, _, value = line.partition(" ")
-            if kind == "read" and value.strip():
-                read.append(value.strip())
-            elif kind == "full" and value.strip():
-                full.append(value.strip())
+            words = line.split()
+            if len(words) == 1 and words[0] not in ("read", "full"):
+                full.append(words[0])
+            elif len(words) == 2 and words[0] in ("read", "full"):
+                (read if words[0] == "read" else full).append(words[1])
             else:
-                full.append(line)
-        self._full, self._read, self._file_mtime = full, read, mtime
+                log.warning(
+                    "MQ_TOKEN_FILE line %d is neither '<token>' nor 'read|full <token>'; ignored",
+                    number,
+                )
+        self._full, self._read, self._file_signature = full, read, signature
         log.info("loaded %d full and %d read-only tokens", len(full), len(read))
 
 

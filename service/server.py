@@ -57,6 +57,7 @@ def make_server(app: falcon.App[falcon.Request, falcon.Response], config: Config
         threads=config.threads,
         ident="segq",
         channel_timeout=config.client_timeout_s,
+        connection_limit=config.max_connections,
         cleanup_interval=max(1, min(30, int(config.client_timeout_s / 2))),
         # waitress refuses a Content-Length >= this before reading the body.
         max_request_body_size=config.max_body_bytes + 1,

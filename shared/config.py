@@ -65,6 +65,11 @@ SETTINGS: tuple[Setting, ...] = (
         "an HTTP connection with no traffic for this long is closed (requests are read "
         "whole before a thread is given to them, so a slow client never holds a thread)",
     ),
+    Setting(
+        "MQ_MAX_CONNECTIONS",
+        "1000",
+        "most HTTP connections the web process keeps open at once; new ones wait beyond it",
+    ),
     Setting("MQ_MAX_QUEUES", "1000", "most queues the data directory may hold (507 beyond)"),
     Setting(
         "MQ_DISK_RESERVE_BYTES",
@@ -99,6 +104,7 @@ class Config:
     storage_timeout_s: float
     log_level: str
     client_timeout_s: float = 60.0
+    max_connections: int = 1000
     max_queues: int = 1000
     disk_reserve_bytes: int = 64 << 20
     tokens: tuple[str, ...] = ()
@@ -232,6 +238,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         client_timeout_s=_parse_float(
             "MQ_CLIENT_TIMEOUT_S", get("MQ_CLIENT_TIMEOUT_S"), 1.0, 86400.0
         ),
+        max_connections=_parse_int("MQ_MAX_CONNECTIONS", get("MQ_MAX_CONNECTIONS"), 1, 100_000),
         max_queues=_parse_int("MQ_MAX_QUEUES", get("MQ_MAX_QUEUES"), 1, 1_000_000),
         disk_reserve_bytes=_parse_int(
             "MQ_DISK_RESERVE_BYTES", get("MQ_DISK_RESERVE_BYTES"), 0, 1 << 50

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 import time
 
@@ -40,6 +41,13 @@ def configure(process: str) -> Config | None:
 
 
 QUEUE_WARNING_INTERVAL_S = 10.0
+
+
+def raise_open_files_limit() -> None:
+    """Connections and open segment files are descriptors: take all the process may have."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class RateLimit(logging.Filter):

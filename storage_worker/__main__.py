@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import sys
 from pathlib import Path
 
-from shared.startup import configure, make_parser
+from shared.errors import SegqError
+from shared.startup import configure, make_parser, raise_open_files_limit
 from storage_worker import repair
 from storage_worker.server import WorkerServer
 from storage_worker.store import DataDirLocked, Store
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return _offline(
             args.command, args.queue, config.data_dir, config.segment_bytes, config.fsync
         )
-    _raise_open_files_limit()
+    raise_open_files_limit()
     store = Store.from_config(config)
     try:
         store.open()
@@ -70,7 +70,7 @@ def _offline(
     try:
         with repair.locked(data_dir):
             if command == "check":
-                report = repair.check(data_dir)
+                report = repair.check(data_dir, segment_bytes)
                 print(json.dumps(report, indent=2))
                 return 1 if report["damaged"] else 0
             if not queue:
@@ -78,16 +78,9 @@ def _offline(
                 return EXIT_START_FAILED
             print(json.dumps(repair.repair(data_dir, queue, segment_bytes, sync), indent=2))
             return 0
-    except (repair.WorkerRunning, OSError, ValueError) as exc:
+    except (repair.WorkerRunning, OSError, ValueError, SegqError) as exc:
         print(f"{command}: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
-
-
-def _raise_open_files_limit() -> None:
-    """Connections and each queue's active segments hold descriptors; take all we may."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class _Replay:
 
     next_seq: int
     now_ms: int
+    verify_only: bool = False
     batch: list[tuple[ix.Part, Record]] = field(default_factory=list)
 
 
@@ -113,7 +114,13 @@ class QueueLog:
 
     @classmethod
     def open(
-        cls, name: str, directory: Path, segment_bytes: int, sync: bool, now_ms: int
+        cls,
+        name: str,
+        directory: Path,
+        segment_bytes: int,
+        sync: bool,
+        now_ms: int,
+        verify_only: bool = False,
     ) -> tuple[QueueLog, Recovery]:
         """Rebuild a queue from its metadata and segments.
 
@@ -121,14 +128,17 @@ class QueueLog:
         valid after it, or an unfinished batch) is cut off and reported. Anything else that
         fails verification raises ``QueueCorrupt`` naming the file and byte offset, and no
         segment is modified. Records that recovery itself adds are buffered: the caller
-        commits them before it deletes any settled segment.
+        commits them before it deletes any settled segment. With ``verify_only`` nothing at
+        all is changed on disk (a torn tail is only reported): for checking, not serving.
         """
-        (directory / (META_NAME + ".tmp")).unlink(missing_ok=True)
+        if not verify_only:
+            (directory / (META_NAME + ".tmp")).unlink(missing_ok=True)
         try:
             meta = QueueMeta.read(directory)
         except FileNotFoundError:
             meta = QueueMeta.new({})  # a queue from before metadata existed
-            meta.write(directory, sync)
+            if not verify_only:
+                meta.write(directory, sync)
         except ValueError as exc:
             raise QueueCorrupt(
                 f"queue {name!r} has damaged metadata: {exc}",
@@ -142,7 +152,7 @@ class QueueLog:
         found = list_segments(directory)
         if not found:
             raise QueueCorrupt(f"queue {name!r} has no segment files", queue=name)
-        replay = _Replay(next_seq=found[0][0], now_ms=now_ms)
+        replay = _Replay(next_seq=found[0][0], now_ms=now_ms, verify_only=verify_only)
         try:
             for position, (base, path) in enumerate(found):
                 newest = position == len(found) - 1
@@ -152,7 +162,8 @@ class QueueLog:
             raise
         log._next_seq = replay.next_seq
         newest_part = log.index.parts[-1]
-        if newest_part.segment.base_seq > FIRST_SEQ and newest_part.segment.record_bytes == 0:
+        rolled = newest_part.segment.base_seq > FIRST_SEQ
+        if rolled and newest_part.segment.record_bytes == 0 and not verify_only:
             log._append([(RecordType.STATE, msgpack.packb(log.counters))])  # a roll was cut
         log.index.clamp_leases(now_ms + MAX_VISIBILITY_S * 1000)
         log.index.advance(now_ms)
@@ -186,6 +197,9 @@ class QueueLog:
                 raise self._corrupt(path, 0, str(exc)) from None
             recovery.torn_tail = {"segment": path.name, "offset": 0, "bytes_cut": segment.size}
             segment.close()
+            if replay.verify_only:
+                self.index.add_part(Segment(path, -1, base, HEADER_SIZE))
+                return
             path.unlink()
             self.index.add_part(Segment.create(self.directory, base))
             self._dir_dirty = True
@@ -225,7 +239,8 @@ class QueueLog:
                 "offset": good_end,
                 "bytes_cut": size - good_end,
             }
-            segment.truncate(good_end)
+            if not replay.verify_only:
+                segment.truncate(good_end)
 
     def _replay_record(self, part: ix.Part, record: Record, now_ms: int) -> None:
         try:

@@ -5,14 +5,17 @@ whether the store syncs what it must. ``FaultyDisk`` wraps the ``os`` calls the 
 makes on files below one directory (the idea of LevelDB's fault-injection env) and records
 what a completed ``fsync``/``fdatasync`` made durable:
 
-- a file's bytes are durable up to its size at its last completed sync;
-- a creation, rename or deletion of a directory entry is durable once that directory has
-  been synced afterwards.
+- a file's bytes are durable up to its size at its last completed sync (a truncation too);
+- a creation, rename or deletion of a directory entry (a whole tree, for ``rmtree``) is
+  durable once that directory has been synced afterwards.
 
-``crash()`` then rewrites the tree into that durable state: it undoes the entry changes no
-directory sync covered (restoring deleted and overwritten files) and cuts, zeroes or garbles
-every file's unsynced tail. It can also stop the process "at" the Nth call (``CrashNow``), or
-make a chosen call fail with an ``OSError`` (EIO, ENOSPC, a short write).
+``crash()`` then rewrites the tree into a state a power cut could leave: each entry change no
+directory sync covered is undone or kept at random (so they may persist out of order, as POSIX
+allows), deleted and overwritten files come back with their durable content, and every file's
+unsynced tail is dropped, zeroed, garbled, or cut after a random prefix of it. It can also stop
+the process "at" the Nth call (``CrashNow``), or make a chosen call fail with an ``OSError``
+(EIO, ENOSPC, a short write). Install it before the store opens its files: descriptors opened
+earlier are not tracked.
 """
 
 from __future__ import annotations
@@ -38,12 +41,13 @@ class CrashNow(BaseException):
 class _EntryChange:
     """One directory entry change not yet covered by a sync of its directory."""
 
-    kind: str  # created, removed, renamed
+    kind: str  # created, removed, renamed, removed_tree
     path: str
     target: str = ""
     saved: bytes | None = None  # the removed or overwritten file's durable content
     saved_target: bytes | None = None
     is_dir: bool = False
+    tree: dict[str, bytes] = field(default_factory=dict)  # removed_tree: relative path -> bytes
 
 
 @dataclass
@@ -61,6 +65,7 @@ class FaultyDisk:
     calls: int = 0
     seed: int = 0
     durable_size: dict[str, int] = field(default_factory=dict)
+    truncated: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     pending: dict[str, list[_EntryChange]] = field(default_factory=dict)
     fd_path: dict[int, str] = field(default_factory=dict)
     faults: list[_Fault] = field(default_factory=list)
@@ -90,6 +95,8 @@ class FaultyDisk:
         ):
             self._real[name] = getattr(os, name)
             monkeypatch.setattr(os, name, getattr(self, f"_{name}"))
+        self._real["rmtree"] = shutil.rmtree
+        monkeypatch.setattr(shutil, "rmtree", self._rmtree)
         for path in self._files():
             self.durable_size[path] = os.stat(path).st_size  # what exists is taken as durable
 
@@ -99,9 +106,11 @@ class FaultyDisk:
 
     # ------------------------------------------------------------------ the power cut
 
-    def crash(self, tail: str = "drop") -> None:
+    def crash(self, tail: str = "drop", reorder: bool = True) -> None:
         """Rewrite the tree to what a power cut would leave; ``tail`` is what happens to each
-        file's unsynced bytes: "drop" them, "zero" them, or "garble" them.
+        file's unsynced bytes: "drop" them, "zero" them, "garble" them, or keep a "prefix".
+        With ``reorder``, the unsynced entry changes of a directory survive in order up to a
+        random point, or (half the time) as any random subset; without, none survives.
 
         Close the store first: descriptors still open are closed here, as the process died.
         """
@@ -109,8 +118,17 @@ class FaultyDisk:
         real_open, real_close = self._real["open"], self._real["close"]
         for fd in list(self.fd_path):  # the process died: its descriptors (and locks) go
             real_close(fd)
+        for path, (length, saved) in self.truncated.items():  # an unsynced truncation is lost
+            if os.path.isfile(path) and os.stat(path).st_size == length:
+                with open(path, "ab") as f:
+                    f.write(saved)
         for directory in sorted(self.pending, key=len, reverse=True):
-            for change in reversed(self.pending[directory]):
+            changes = self.pending[directory]
+            if reorder and self._rng.random() < 0.5:  # any subset persisted, in any order
+                lost = [c for c in changes if self._rng.random() < 0.5]
+            else:  # persisted in order, up to a random point (a journaling file system)
+                lost = changes[self._rng.randint(0, len(changes)) :] if reorder else changes
+            for change in reversed(lost):
                 self._undo(change)
         self.pending.clear()
         for path in self._files():
@@ -125,6 +143,8 @@ class FaultyDisk:
                 elif tail == "zero":  # the blocks were allocated, their data never written
                     os.truncate(path, durable)
                     os.truncate(path, size)
+                elif tail == "prefix":  # the page cache wrote back part of it
+                    os.truncate(path, self._rng.randint(durable, size))
                 else:
                     garbage = bytes(self._rng.randrange(256) for _ in range(size - durable))
                     self._real["pwrite"](fd, garbage, durable)
@@ -144,8 +164,15 @@ class FaultyDisk:
             elif change.saved is not None:
                 Path(change.path).write_bytes(change.saved)
                 self.durable_size[change.path] = len(change.saved)
+        elif change.kind == "removed_tree":
+            for relative, content in change.tree.items():
+                path = os.path.join(change.path, relative)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Path(path).write_bytes(content)
+                self.durable_size[path] = len(content)
+            os.makedirs(change.path, exist_ok=True)
         elif change.kind == "renamed":
-            if os.path.lexists(change.target):
+            if os.path.lexists(change.target) and not os.path.lexists(change.path):
                 os.rename(change.target, change.path)
             if change.saved_target is not None:
                 Path(change.target).write_bytes(change.saved_target)
@@ -237,6 +264,7 @@ class FaultyDisk:
             self.pending.pop(path, None)
         else:
             self.durable_size[path] = os.fstat(fd).st_size
+            self.truncated.pop(path, None)
 
     def _fdatasync(self, fd: int) -> None:
         self._sync("fdatasync", fd)
@@ -247,6 +275,12 @@ class FaultyDisk:
     def _ftruncate(self, fd: int, length: int) -> None:
         path = self.fd_path.get(fd)
         self._tick("ftruncate", path)
+        if path is not None:
+            durable = self.durable_size.get(path, 0)
+            if length < durable:  # until synced, the cut bytes may come back after a crash
+                content = self._durable_bytes(path) or b""
+                earlier = self.truncated.get(path, (durable, b""))[1]
+                self.truncated[path] = (length, content[length:durable] + earlier)
         self._real["ftruncate"](fd, length)
         if path is not None:
             self.durable_size[path] = min(self.durable_size.get(path, 0), length)
@@ -272,8 +306,17 @@ class FaultyDisk:
             if os.path.dirname(mine_src) != os.path.dirname(mine_dst):
                 self._note(mine_src, change)
             for path, size in list(self.durable_size.items()):
-                if path == mine_src or path.startswith(mine_src + os.sep):
-                    self.durable_size[mine_dst + path[len(mine_src) :]] = size
+                if _inside(path, mine_src):
+                    self.durable_size[_moved(path, mine_src, mine_dst)] = size
+            # Unsynced changes inside a renamed directory stay unsynced under its new name.
+            for directory in [d for d in self.pending if _inside(d, mine_src)]:
+                changes = self.pending.pop(directory)
+                for item in changes:
+                    item.path = _moved(item.path, mine_src, mine_dst)
+                    item.target = _moved(item.target, mine_src, mine_dst)
+                self.pending.setdefault(_moved(directory, mine_src, mine_dst), []).extend(changes)
+            for fd, path in list(self.fd_path.items()):
+                self.fd_path[fd] = _moved(path, mine_src, mine_dst)
 
     def _mkdir(self, path: Any, mode: int = 0o777, **kw: Any) -> None:
         mine = self._mine(path)
@@ -284,3 +327,23 @@ class FaultyDisk:
 
     def _rmdir(self, path: Any, **kw: Any) -> None:
         self._real["rmdir"](path, **kw)
+
+    def _rmtree(self, path: Any, *args: Any, **kw: Any) -> None:
+        mine = self._mine(path)
+        self._tick("rmtree", mine)
+        if mine is not None and os.path.isdir(mine):
+            tree = {}
+            for dirpath, _, filenames in os.walk(mine):
+                for name in filenames:
+                    full = os.path.join(dirpath, name)
+                    tree[os.path.relpath(full, mine)] = self._durable_bytes(full) or b""
+            self._note(mine, _EntryChange("removed_tree", mine, tree=tree, is_dir=True))
+        self._real["rmtree"](path, *args, **kw)
+
+
+def _inside(path: str, directory: str) -> bool:
+    return bool(path) and (path == directory or path.startswith(directory + os.sep))
+
+
+def _moved(path: str, src: str, dst: str) -> str:
+    return dst + path[len(src) :] if _inside(path, src) else path

@@ -90,10 +90,14 @@ def test_tokens_in_a_file_are_reread_when_it_changes(
         api.simulate_post("/queues", json={"name": "q"}, headers=bearer("viewer")).status_code
         == 403
     )
-    token_file.write_text("second\n")
+    token_file.write_text("second\nread\nfull\nread too many words\n")
     os.utime(token_file, (time.time() + 5, time.time() + 5))
     assert api.simulate_get("/status", headers=bearer("first")).status_code == 401
     assert api.simulate_get("/status", headers=bearer("second")).status_code == 200
+    for not_a_token in ("read", "full", "too"):
+        assert api.simulate_get("/status", headers=bearer(not_a_token)).status_code == 401
+    token_file.unlink()  # deleting the file withdraws its tokens
+    assert api.simulate_get("/status", headers=bearer("second")).status_code == 401
 
 
 @pytest.mark.e2e

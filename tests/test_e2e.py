@@ -289,6 +289,8 @@ def test_a_huge_body_is_refused_from_its_length_before_it_is_sent() -> None:
 # answers, so closing the connection does not reset it and lose the answer.
 _HEAD = b"GET /status HTTP/1.1\r\nHost: x\r\nX-Big: "
 BIG_HEADER = _HEAD + b"a" * (262144 - len(_HEAD))
+_URL = b"GET /status?pad="
+LONG_QUERY = _URL + b"q" * (262144 - len(_URL))
 
 
 @pytest.mark.parametrize(
@@ -296,9 +298,10 @@ BIG_HEADER = _HEAD + b"a" * (262144 - len(_HEAD))
     [
         (b"POST /queues HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400, b"bad_request"),
         (BIG_HEADER, 431, b"headers_too_large"),
+        (LONG_QUERY, 431, b"headers_too_large"),
         (b"GARBAGE\r\n\r\n", 400, b"bad_request"),
     ],
-    ids=["bad-content-length", "huge-header", "garbage"],
+    ids=["bad-content-length", "huge-header", "huge-query", "garbage"],
 )
 def test_requests_waitress_refuses_get_json_errors_too(
     request_: bytes, status: int, code: bytes

@@ -9,11 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from shared.protocol import Outgoing
 from storage_worker import repair
-from storage_worker.segment import FRAME_HEADER_SIZE, HEADER_SIZE, RecordType
+from storage_worker.segment import (
+    FLAG_MORE,
+    FRAME_HEADER_SIZE,
+    HEADER_SIZE,
+    RecordType,
+    encode_frame,
+)
 from storage_worker.store import Store
 
 from harness import REPO
@@ -64,7 +71,7 @@ def test_check_finds_nothing_on_a_healthy_data_dir(tmp_path: Path) -> None:
     filled(tmp_path / "data")
     result = run_cli(tmp_path / "data", "check")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"queues": 2, "damaged": {}}
+    assert json.loads(result.stdout) == {"queues": 2, "damaged": {}, "torn_tails": {}}
 
 
 def test_check_names_the_damaged_file_and_offset(tmp_path: Path) -> None:
@@ -121,3 +128,81 @@ def test_check_and_repair_refuse_while_the_worker_runs(tmp_path: Path) -> None:
             pass
     finally:
         store.close()
+
+
+def test_a_torn_tail_is_reported_apart_and_is_no_error(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    filled(data)
+    newest = sorted((data / "queues" / "good").glob("*.seg"))[-1]
+    with open(newest, "ab") as f:
+        f.write(b"\x01half a frame")
+    result = run_cli(data, "check")
+    assert result.returncode == 0, result.stdout
+    report = json.loads(result.stdout)
+    assert report["damaged"] == {} and report["torn_tails"]["good"]["bytes"] == 13
+
+
+def test_check_sees_damage_that_only_replay_finds(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = Store(data, 4096, True, 4096)
+    store.open(T0)
+    store.create_queue("q", {})
+    store.send("q", [Outgoing(b'"x"', None, None, None)], T0)
+    store.commit()
+    store.close()
+    segment = sorted((data / "queues" / "q").glob("*.seg"))[-1]
+    with open(segment, "ab") as f:  # a valid frame that consumes a message never sent
+        f.write(encode_frame(_next_seq(segment), RecordType.CONSUME, msgpack.packb([999])))
+    report = json.loads(run_cli(data, "check").stdout)
+    assert "q" in report["damaged"]
+    assert "999" in report["damaged"]["q"][0]["reason"]
+
+
+def test_repair_refuses_a_healthy_queue_and_an_unknown_name(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    filled(data)
+    for args in (("repair", "good"), ("repair", "../x"), ("repair",)):
+        result = run_cli(data, *args)
+        assert result.returncode == 1, (args, result.stdout)
+        assert "Traceback" not in result.stderr
+
+
+def test_an_unfinished_batch_at_the_end_is_not_brought_back(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    filled(data)
+    damage_middle_of(data, "bad")
+    newest = sorted((data / "queues" / "bad").glob("*.seg"))[-1]
+    seq = _next_seq(newest)
+    with open(newest, "ab") as f:  # the first two records of a batch whose end never came
+        for n in range(2):
+            payload = msgpack.packb([T0, b'"never acknowledged"'])
+            f.write(encode_frame(seq + n, RecordType.ENQUEUE, payload, FLAG_MORE))
+    report = json.loads(run_cli(data, "repair", "bad").stdout)
+    store = Store(data, 600, True, 4096)
+    store.open(T0)
+    left = []
+    while got := store.receive("bad", 100, 0, T0):
+        left += [d.body for d in got]
+    assert b'"never acknowledged"' not in left
+    assert report["messages_kept"] == len(left)
+    store.close()
+
+
+def test_an_interrupted_repair_is_finished_by_running_it_again(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    filled(data)
+    queues = data / "queues"
+    (queues / "bad").rename(queues / ".repair-bad")  # cut between the two renames
+    result = run_cli(data, "repair", "bad")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["finished_an_interrupted_repair"] is True
+    assert (queues / "bad").is_dir()
+
+
+def _next_seq(segment: Path) -> int:
+    data = segment.read_bytes()
+    pos, seq = HEADER_SIZE, int(segment.name.split(".")[0])
+    while pos < len(data):
+        seq = int.from_bytes(data[pos + 8 : pos + 16], "little") + 1
+        pos += FRAME_HEADER_SIZE + int.from_bytes(data[pos + 4 : pos + 8], "little")
+    return seq

@@ -22,6 +22,7 @@ The last line says how many cycles, operations and violations (there must be non
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import signal
 import sys
@@ -35,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from harness import HTTPClient, Processes  # noqa: E402
+from harness import HTTPClient, Processes, Response  # noqa: E402
 
 LEASE_S = 1.0
 MAX_RECEIVES = 3
@@ -47,21 +48,14 @@ class Ledger:
     acked_sends: dict[str, int] = field(default_factory=dict)  # content -> id
     maybe_sent: set[str] = field(default_factory=set)
     deliveries: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    removed_at: dict[str, float] = field(
-        default_factory=dict
-    )  # content -> when its removal was acknowledged
+    removed_at: dict[str, float] = field(default_factory=dict)  # when a removal answered 2xx
+    removals: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     producer_ids: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
     operations: int = 0
-    # Removals (a plain receive, an ack) whose answer was lost when the worker died after it
-    # committed them: each may have removed one message we never heard of.
-    maybe_removed: int = 0
-
-    def unanswered(self, resp: object) -> None:
-        status = getattr(resp, "status", None)
-        text = getattr(resp, "body", b"")
-        if resp is None or (status == 503 and b"did not answer" in text):
-            with self.lock:
-                self.maybe_removed += 1
+    # Removals whose answer was lost when the worker died after committing them. An ack names
+    # its message; a plain receive that got no answer may have removed any one message.
+    maybe_acked: set[str] = field(default_factory=set)
+    plain_unanswered: int = 0
 
     def delivered(self, content: str, requested_at: float) -> None:
         with self.lock:
@@ -71,7 +65,18 @@ class Ledger:
     def removed(self, content: str) -> None:
         with self.lock:
             self.removed_at.setdefault(content, time.monotonic())
-            self.operations += 1
+            self.removals[content] += 1
+
+    def unanswered(self, resp: Response | None, content: str | None = None) -> None:
+        """Note a removal request that may have been committed although no 2xx came back."""
+        lost = resp is None or (resp.status == 503 and b"did not answer" in resp.body)
+        if not lost:
+            return
+        with self.lock:
+            if content is None:
+                self.plain_unanswered += 1
+            else:
+                self.maybe_acked.add(content)
 
 
 def producer(svc: Processes, ledger: Ledger, number: int, stop: threading.Event) -> None:
@@ -135,19 +140,18 @@ def leasing_consumer(svc: Processes, ledger: Ledger, number: int, stop: threadin
         for message in resp.json["messages"]:
             ledger.delivered(message["content"], started)
             choice = rng.random()
+            path = f"/queues/jobs/messages/{message['receipt']}"
             try:
                 if choice < 0.6:
-                    done = None
-                    done = client.request("DELETE", f"/queues/jobs/messages/{message['receipt']}")
-                    ledger.unanswered(done)
+                    done = client.request("DELETE", path)
+                    ledger.unanswered(done, message["content"])
                     if done.status == 204:
                         ledger.removed(message["content"])
                 elif choice < 0.8:
-                    path = f"/queues/jobs/messages/{message['receipt']}"
                     client.request("PATCH", path, {"visibility_timeout": 0})
             except OSError:
                 if choice < 0.6:
-                    ledger.unanswered(None)  # the ack may have been committed
+                    ledger.unanswered(None, message["content"])
 
 
 def killer(svc: Processes, cycles: int, rng: random.Random) -> None:
@@ -159,7 +163,7 @@ def killer(svc: Processes, cycles: int, rng: random.Random) -> None:
 
 
 def drain(client: HTTPClient, queue: str) -> list[str]:
-    found = []
+    found: list[str] = []
     while True:
         resp = client.get(f"/queues/{queue}/messages?max_messages=100")
         if resp.status == 204:
@@ -167,7 +171,7 @@ def drain(client: HTTPClient, queue: str) -> list[str]:
         found += [m["content"] for m in resp.json["messages"]]
 
 
-def check(ledger: Ledger, drained: list[str], counted: int, drain_started: float) -> list[str]:
+def check(ledger: Ledger, drained: list[str], counted: int) -> list[str]:
     problems = []
     present = set(drained)
     if len(drained) != len(present):
@@ -178,21 +182,23 @@ def check(ledger: Ledger, drained: list[str], counted: int, drain_started: float
     for content in present | set(ledger.deliveries):
         if content not in known:
             problems.append(f"{content} arrived but was never sent")
-    unaccounted = [c for c in ledger.acked_sends if c not in present and c not in ledger.removed_at]
-    if len(unaccounted) > ledger.maybe_removed:
+    accounted = present | set(ledger.removed_at) | ledger.maybe_acked
+    unaccounted = [c for c in ledger.acked_sends if c not in accounted]
+    if len(unaccounted) > ledger.plain_unanswered:
         problems.append(
             f"{len(unaccounted)} acknowledged sends are neither left nor removed by an answered "
-            f"request, more than the {ledger.maybe_removed} removals whose answer was lost: "
-            f"{sorted(unaccounted)[:10]}"
+            f"request, more than the {ledger.plain_unanswered} plain receives whose answer was "
+            f"lost: {sorted(unaccounted)[:10]}"
         )
     for content, removed in ledger.removed_at.items():
         later = [t for t in ledger.deliveries[content] if t > removed]
         if later or content in present:
             problems.append(f"{content} was delivered again after its removal was acknowledged")
+        if ledger.removals[content] > 1:
+            problems.append(f"{content} was removed {ledger.removals[content]} times")
     for number, ids in ledger.producer_ids.items():
-        if ids != sorted(ids):
+        if any(a >= b for a, b in itertools.pairwise(ids)):
             problems.append(f"producer {number}'s messages got ids out of order")
-    del drain_started
     return problems
 
 
@@ -231,9 +237,8 @@ def run(cycles: int, seed: int = 7) -> tuple[int, int, list[str]]:
             admin = HTTPClient(svc.port)
             status = admin.get("/status").json["queues"]
             counted = sum(q["messages"] + q["in_flight"] + q["delayed"] for q in status.values())
-            started = time.monotonic()
             drained = drain(admin, "jobs") + drain(admin, "dead")
-            return cycles, ledger.operations, check(ledger, drained, counted, started)
+            return cycles, ledger.operations, check(ledger, drained, counted)
         except BaseException:
             sys.stderr.write(svc.logs()[-20_000:])
             raise
