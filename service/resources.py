@@ -270,9 +270,10 @@ class Messages:
         max_messages = requested or 1
         visibility = query_number(req, "visibility_timeout")
         visibility_ms = 0
-        if visibility is not None:
-            visibility_ms = check_seconds(
-                visibility, "visibility_timeout", 0, MAX_VISIBILITY_S, low_open=True
+        if visibility is not None:  # a lease, however short, never becomes a removal
+            visibility_ms = max(
+                1,
+                check_seconds(visibility, "visibility_timeout", 0, MAX_VISIBILITY_S, low_open=True),
             )
         wait = query_number(req, "wait")
         wait_ms = 0 if wait is None else check_seconds(wait, "wait", 0, MAX_WAIT_S)

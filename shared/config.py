@@ -120,10 +120,6 @@ class Config:
         return self.data_dir / "authkey"
 
     @property
-    def lock_file(self) -> Path:
-        return self.data_dir / "LOCK"
-
-    @property
     def max_frame_bytes(self) -> int:
         """Largest frame either process accepts on the worker socket."""
         return 2 * self.max_body_bytes + (1 << 20)

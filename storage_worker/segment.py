@@ -284,10 +284,6 @@ class Segment:
         os.fsync(self._fd)
         self.size = self._written = size
 
-    @property
-    def is_open(self) -> bool:
-        return self._fd >= 0
-
     def close(self) -> None:
         """Release the descriptor, dropping unwritten appends (as a crash would).
 

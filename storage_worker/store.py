@@ -409,10 +409,6 @@ class Store:
             deadline = retention if deadline is None else min(deadline, retention)
         return deadline
 
-    def has_ready(self, name: str) -> bool:
-        queue = self.queues.get(name)
-        return queue is not None and queue.index.ready > 0
-
     # ------------------------------------------------------------------ durability
 
     def commit(self) -> None:

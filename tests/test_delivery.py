@@ -189,6 +189,12 @@ def test_receive_parameters_are_validated(api: testing.TestClient, params: dict[
     assert_error(receive(api, **params), 400, "invalid_request")
 
 
+def test_a_lease_shorter_than_a_millisecond_is_still_a_lease(api: testing.TestClient) -> None:
+    create(api)
+    send(api, "job")
+    assert "receipt" in lease(api, seconds=0.0001)
+
+
 def test_the_plain_receive_still_removes_without_a_receipt(
     api: testing.TestClient, clock: FakeClock
 ) -> None:
