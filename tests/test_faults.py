@@ -44,9 +44,15 @@ def opened(data: Path, now: int, segment_bytes: int = 700) -> Store:
     return store
 
 
-def make_queue(data: Path, name: str) -> None:
+def make_queue(
+    data: Path, name: str, messages: int = 0, settings: dict[str, int] | None = None
+) -> None:
+    """A queue holding messages m0, m1, ..., each sent on its own, all committed."""
     store = opened(data, T0)
-    store.create_queue(name, {})
+    store.create_queue(name, settings or {})
+    for i in range(messages):
+        store.send(name, [plain(f"m{i}")], T0)
+    store.commit()
     store.close()
 
 
@@ -253,12 +259,7 @@ def test_a_queue_deletion_cut_anywhere_leaves_it_whole_or_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int, seed: int
 ) -> None:
     data = tmp_path / "data"
-    store = opened(data, T0)
-    store.create_queue("old", {})
-    for i in range(20):
-        store.send("old", [plain(f"m{i}")], T0)
-    store.commit()
-    store.close()
+    make_queue(data, "old", messages=20)
 
     def delete(store: Store) -> None:
         store.delete_queue("old")
@@ -280,9 +281,7 @@ def test_a_settings_change_cut_anywhere_leaves_old_or_new(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int, seed: int
 ) -> None:
     data = tmp_path / "data"
-    store = opened(data, T0)
-    store.create_queue("q", {"max_messages": 10})
-    store.close()
+    make_queue(data, "q", settings={"max_messages": 10})
     changed = cut(
         data,
         monkeypatch,
